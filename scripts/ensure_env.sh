@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Creates (or reuses) the virtual environment at .venv/ in the repo root and installs
+# stable_dfl into it with its compiled extension. Extra arguments name pip extras
+# to install as well (e.g. `test`, `bench`).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="${PYTHON:-python3}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[stable_dfl] creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+
+# torch first: the build needs it (no build isolation, so the installed torch is used).
+if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+  echo "[stable_dfl] installing torch (a few minutes on a fresh machine)"
+  "${PIP[@]}" install "torch>=2.4"
+fi
+"${PIP[@]}" install setuptools wheel ninja numpy
+
+EXTRAS=""
+if [ "$#" -gt 0 ]; then EXTRAS="[$(IFS=,; echo "$*")]"; fi
+echo "[stable_dfl] building and installing stable_dfl$EXTRAS"
+# Building the CUDA kernels needs nvcc; without it they are skipped (see setup.py).
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+export MAX_JOBS="${MAX_JOBS:-2}"
+(cd "$ROOT" && "${PIP[@]}" install --no-build-isolation -e ".$EXTRAS")

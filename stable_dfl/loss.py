@@ -1,0 +1,239 @@
+"""StableDFLLoss: a drop-in Distribution Focal Loss with a probability floor and a loss cap.
+
+The math is defined by :func:`stable_dfl.ops.reference.dfl_reference`; this module
+validates arguments, flattens shapes and reduces. It knows nothing of backends: it
+names one, and :mod:`stable_dfl.ops` picks and runs it.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .ops.dfl import dfl_rows, resolve_backend
+from .ops.reference import DEFAULT_EPS, DEFAULT_MAX_LOSS, MAX_BINS, compute_dtype
+
+Reduction = Literal["none", "mean", "sum"]
+Backend = Literal["auto", "cpu", "cuda", "triton", "reference"]
+REDUCTIONS = ("none", "mean", "sum")
+BACKEND_NAMES = ("auto", "cpu", "cuda", "triton", "reference")
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _rows(pred: torch.Tensor, target: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """``pred`` as ``[target.numel(), n_bins]``, or a ValueError naming the shapes."""
+    if pred.dim() >= 1 and pred.shape[-1] == n_bins and pred.shape[:-1] == target.shape:
+        return pred.reshape(-1, n_bins)
+    if (
+        pred.dim() >= 1
+        and target.dim() >= 1
+        and pred.shape[:-1] == target.shape[:-1]
+        and pred.shape[-1] == target.shape[-1] * n_bins
+    ):
+        return pred.reshape(-1, n_bins)
+    raise ValueError(
+        f"pred of shape {_shape(pred)} does not fit target of shape {_shape(target)} with "
+        f"n_bins={n_bins}: expected pred [..., n_bins] with target [...], or pred "
+        f"[..., k * n_bins] with target [..., k] (for example pred [M, {4 * n_bins}] with target [M, 4])"
+    )
+
+
+def _per_element(
+    name: str, value: torch.Tensor, target: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """``value`` broadcast to ``target``'s shape and flattened, as ``dtype``."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(value).__name__}")
+    if value.device != target.device:
+        raise ValueError(f"{name} is on {value.device} but target is on {target.device}")
+    try:
+        expanded = value.expand(target.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"{name} of shape {_shape(value)} cannot be broadcast to target's shape {_shape(target)}"
+        ) from None
+    return expanded.reshape(-1).to(dtype)
+
+
+def _check_args(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    n_bins: int,
+    eps: float,
+    max_loss: float | None,
+    reduction: str,
+) -> None:
+    if not isinstance(pred, torch.Tensor):
+        raise TypeError(f"pred must be a torch.Tensor, got {type(pred).__name__}")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if pred.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"pred must be float16, bfloat16, float32 or float64 logits, got {pred.dtype}")
+    if target.dtype == torch.bool or target.is_complex():
+        raise TypeError(f"target must hold real numbers (bin units), got {target.dtype}")
+    if pred.device != target.device:
+        raise ValueError(f"pred is on {pred.device} but target is on {target.device}")
+    if isinstance(n_bins, bool) or not isinstance(n_bins, numbers.Integral):
+        raise TypeError(f"n_bins must be an int, got {type(n_bins).__name__}")
+    if not 2 <= n_bins <= MAX_BINS:
+        raise ValueError(f"n_bins must be in [2, {MAX_BINS}], got {n_bins}")
+    if not 0.0 <= eps < 1.0:
+        raise ValueError(f"eps must be in [0, 1), got {eps}")
+    if max_loss is not None and not max_loss > 0:
+        raise ValueError(f"max_loss must be positive or None, got {max_loss}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def stable_dfl_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    avg_factor: float | torch.Tensor | None = None,
+    *,
+    mask: torch.Tensor | None = None,
+    n_bins: int = 16,
+    eps: float = DEFAULT_EPS,
+    max_loss: float | None = DEFAULT_MAX_LOSS,
+    reduction: Reduction = "mean",
+    loss_weight: float = 1.0,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """Numerically stable Distribution Focal Loss; see :class:`StableDFLLoss`."""
+    loss, _ = _stable_dfl_loss(
+        pred, target, weight, avg_factor, mask, n_bins, eps, max_loss, reduction, loss_weight, backend
+    )
+    return loss
+
+
+def _stable_dfl_loss(
+    pred, target, weight, avg_factor, mask, n_bins, eps, max_loss, reduction, loss_weight, backend
+) -> tuple[torch.Tensor, str]:
+    _check_args(pred, target, n_bins, eps, max_loss, reduction)
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+    rows = _rows(pred, target, n_bins)
+    dtype = compute_dtype(pred.dtype)
+    flat_target = target.reshape(-1).to(dtype)
+    flat_weight = None if weight is None else _per_element("weight", weight, target, dtype)
+    count: torch.Tensor | int = max(flat_target.numel(), 1)
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        flat_mask = _per_element("mask", mask, target, dtype)
+        flat_weight = flat_mask if flat_weight is None else flat_weight * flat_mask
+        count = flat_mask.sum().clamp(min=1)
+
+    chosen = resolve_backend(backend, pred.device)
+    reduced = reduction != "none"
+    loss = dfl_rows(rows, flat_target, flat_weight, float(eps), reduced, chosen)
+    if not reduced:
+        return loss.reshape(target.shape) * loss_weight, chosen
+    if reduction == "mean":
+        loss = loss / _avg_factor(avg_factor, count, loss)
+    if max_loss is not None:
+        loss = loss.clamp(max=max_loss)
+    return loss * loss_weight, chosen
+
+
+def _avg_factor(
+    avg_factor: float | torch.Tensor | None, count: torch.Tensor | int, like: torch.Tensor
+) -> torch.Tensor | float:
+    if avg_factor is None:
+        return count
+    if isinstance(avg_factor, torch.Tensor):
+        if avg_factor.numel() != 1:
+            raise ValueError(f"avg_factor must hold one number, got shape {_shape(avg_factor)}")
+        return avg_factor.reshape(()).to(like.dtype)
+    if isinstance(avg_factor, bool) or not isinstance(avg_factor, numbers.Real):
+        raise TypeError(f"avg_factor must be a number, a tensor or None, got {type(avg_factor).__name__}")
+    if not avg_factor > 0:
+        raise ValueError(f"avg_factor must be positive, got {avg_factor}")
+    return float(avg_factor)
+
+
+class StableDFLLoss(nn.Module):
+    r"""Distribution Focal Loss with a probability floor and a cap on the reduced loss.
+
+    Per element: ``-(wl * log p[tl] + wr * log p[tl + 1])`` with ``p = softmax(pred).clamp(min=eps)``,
+    ``t = target.clamp(0, n_bins - 1 - 0.01)``, ``tl = floor(t)``, ``wl = tl + 1 - t``, ``wr = t - tl``.
+    A 'mean' or 'sum' result is capped at ``max_loss`` (its gradient is then zero, as for
+    ``torch.clamp``), then multiplied by ``loss_weight``.
+
+    Args:
+        n_bins: bins per distribution (ultralytics ``reg_max=16`` -> 16; mmdetection GFL
+            ``reg_max=16`` -> 17).
+        eps: probability floor; each element's loss is at most ``-log(eps)`` (13.8 by
+            default) times its weight. ``eps=0`` gives the plain log-softmax form.
+        max_loss: cap on the reduced loss (15.0); None disables it.
+        reduction: 'mean' (sum / number of elements, or / ``avg_factor``, or / number of
+            masked-in elements), 'sum' or 'none' (per-element losses shaped like target).
+        loss_weight: factor applied last.
+        backend: 'auto', 'cpu' (compiled C++), 'cuda' (compiled CUDA), 'triton' or
+            'reference' (eager PyTorch). ``last_backend`` tells which one ran.
+
+    Shapes: ``pred [..., n_bins]`` with ``target [...]``, or ``pred [..., k * n_bins]`` with
+    ``target [..., k]`` (e.g. ``[M, 64]`` with ``[M, 4]``). ``weight`` and ``mask`` broadcast to
+    ``target``. Gradients flow to ``pred`` only; ``target`` and ``weight`` are constants (as in
+    ultralytics and mmdetection, which detach them). The result is fp32 (fp64 for fp64 logits).
+    Empty input gives 0 for 'mean'/'sum'. A NaN or Inf in ``pred`` or ``target`` gives a NaN
+    loss: it is reported, never clamped away.
+    """
+
+    def __init__(
+        self,
+        n_bins: int = 16,
+        eps: float = DEFAULT_EPS,
+        max_loss: float | None = DEFAULT_MAX_LOSS,
+        reduction: Reduction = "mean",
+        loss_weight: float = 1.0,
+        backend: Backend = "auto",
+    ) -> None:
+        super().__init__()
+        if isinstance(n_bins, bool) or not isinstance(n_bins, numbers.Integral):
+            raise TypeError(f"n_bins must be an int, got {type(n_bins).__name__}")
+        _check_args(torch.empty(0, n_bins), torch.empty(0), n_bins, eps, max_loss, reduction)
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+        self.n_bins = n_bins
+        self.eps = eps
+        self.max_loss = max_loss
+        self.reduction = reduction
+        self.loss_weight = loss_weight
+        self.backend = backend
+        self.last_backend: str | None = None
+
+    def forward(
+        self,
+        pred: torch.Tensor,
+        target: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        avg_factor: float | torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        loss, self.last_backend = _stable_dfl_loss(
+            pred,
+            target,
+            weight,
+            avg_factor,
+            mask,
+            self.n_bins,
+            self.eps,
+            self.max_loss,
+            self.reduction,
+            self.loss_weight,
+            self.backend,
+        )
+        return loss
+
+    def extra_repr(self) -> str:
+        return (
+            f"n_bins={self.n_bins}, eps={self.eps}, max_loss={self.max_loss}, "
+            f"reduction={self.reduction!r}, loss_weight={self.loss_weight}, backend={self.backend!r}"
+        )

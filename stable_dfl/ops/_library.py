@@ -1,0 +1,110 @@
+"""Loads the compiled extension and says which backends this process can run.
+
+Importing this module never fails: when ``stable_dfl._C`` is missing or cannot be
+loaded, one warning says why and which backend is used instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("cpu", "cuda", "triton", "reference")
+
+
+def _load_extension() -> str | None:
+    """Imports stable_dfl._C; returns None on success, else the reason it failed."""
+    try:
+        from stable_dfl import _C  # noqa: F401  (registers the ops)
+    except ImportError as error:  # missing build or an ABI mismatch with this torch
+        return f"{type(error).__name__}: {error}"
+    except OSError as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+EXTENSION_ERROR = _load_extension()
+
+
+def _has_kernel(op: str, dispatch_key: str) -> bool:
+    return EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"stable_dfl::{op}", dispatch_key
+    )
+
+
+def compiled_cpu_available(op: str = "dfl_forward") -> bool:
+    """True when the compiled C++ CPU kernel of ``op`` is loaded."""
+    return _has_kernel(op, "CPU")
+
+
+def compiled_cuda_available(op: str = "dfl_forward") -> bool:
+    """True when the compiled CUDA kernel of ``op`` is built into the loaded extension."""
+    return _has_kernel(op, "CUDA")
+
+
+@functools.cache
+def triton_import_error() -> str | None:
+    """None when Triton can be imported, else why not."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    try:
+        import triton  # noqa: F401
+    except Exception as error:  # a broken install raises more than ImportError
+        return f"importing triton failed: {type(error).__name__}: {error}"
+    return None
+
+
+def triton_interpreter_enabled() -> bool:
+    """True under TRITON_INTERPRET=1, where Triton kernels run on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """None when ``backend`` can run on tensors of ``device``, else the reason it cannot."""
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"backend 'cpu' runs on CPU tensors, got tensors on {device}"
+        if EXTENSION_ERROR is not None:
+            return f"the compiled extension stable_dfl._C is not loaded ({EXTENSION_ERROR})"
+        return None
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"backend 'cuda' runs on CUDA tensors, got tensors on {device}"
+        if EXTENSION_ERROR is not None:
+            return f"the compiled extension stable_dfl._C is not loaded ({EXTENSION_ERROR})"
+        if not compiled_cuda_available():
+            return (
+                "stable_dfl._C was built without its CUDA kernels (reinstall with a CUDA build "
+                "of torch and nvcc on PATH, or STABLE_DFL_CUDA=1)"
+            )
+        return None
+    if backend == "triton":
+        if triton_import_error() is not None:
+            return triton_import_error()
+        if device.type == "cpu" and not triton_interpreter_enabled():
+            return "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to interpret them on CPU)"
+        if device.type not in ("cpu", "cuda"):
+            return f"Triton kernels need CUDA tensors, got tensors on {device}"
+        return None
+    raise ValueError(f"backend must be one of {(*BACKENDS, 'auto')}, got {backend!r}")
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run here; the message says why."""
+
+
+if EXTENSION_ERROR is not None:
+    warnings.warn(
+        "stable_dfl: the compiled extension stable_dfl._C could not be loaded "
+        f"({EXTENSION_ERROR}); falling back to the Triton kernels on CUDA tensors where Triton "
+        "is available and to the eager PyTorch reference otherwise. "
+        "Reinstall with `pip install --no-build-isolation .` to build it.",
+        RuntimeWarning,
+        stacklevel=2,
+    )

@@ -1,0 +1,95 @@
+"""The DFL op: backend choice, fake kernels and autograd, in one place.
+
+Kernels (C++/CUDA in ``stable_dfl._C``, Triton in :mod:`.triton_dfl`) compute, in one
+pass, each row's loss (or their deterministic sum) and, when a gradient is needed,
+the gradient of that sum in its own buffer. Backward only scales that buffer by the
+incoming gradient, in place: the buffer is saved with ``save_for_backward``, so a
+second backward through the same graph (``retain_graph=True``) raises autograd's
+"modified by an inplace operation" error instead of returning a wrong gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _library
+from .reference import compute_dtype, dfl_reference
+
+AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that runs for ``backend`` ('auto' or a name) on tensors of ``device``.
+
+    Raises BackendUnavailableError, saying why, when an explicit backend cannot run.
+    """
+    if backend == "auto":
+        for candidate in AUTO_ORDER.get(device.type, ("reference",)):
+            if _library.unavailable_reason(candidate, device) is None:
+                return candidate
+        return "reference"
+    reason = _library.unavailable_reason(backend, device)
+    if reason is not None:
+        raise _library.BackendUnavailableError(f"stable_dfl backend {backend!r} unavailable: {reason}")
+    return backend
+
+
+def _fake_dfl_forward(pred, target, weight, eps, reduce_sum, need_grad):
+    dtype = compute_dtype(pred.dtype)
+    loss = pred.new_empty((), dtype=dtype) if reduce_sum else pred.new_empty((pred.shape[0],), dtype=dtype)
+    grad = torch.empty_like(pred) if need_grad else pred.new_empty((0,))
+    return loss, grad
+
+
+def _setup_context(ctx, inputs, output):
+    _, grad = output
+    ctx.reduce_sum = inputs[4]
+    ctx.mark_non_differentiable(grad)
+    ctx.save_for_backward(grad)
+
+
+def _backward(ctx, grad_loss, _grad_of_grad):
+    (grad,) = ctx.saved_tensors
+    # A [1, 1] / [N, 1] fp32 factor keeps the product in fp32 before it is rounded to grad's dtype.
+    scale = grad_loss.reshape(1, 1) if ctx.reduce_sum else grad_loss.unsqueeze(-1)
+    # Compiled graphs are functional; AOTAutograd plans the buffers there.
+    scaled = (grad * scale).to(grad.dtype) if torch.compiler.is_compiling() else grad.mul_(scale)
+    return scaled, None, None, None, None, None
+
+
+def register_dfl_op(op) -> None:
+    """Registers the fake kernel and autograd of a ``dfl_forward``-schema op."""
+    torch.library.register_fake(op)(_fake_dfl_forward)
+    torch.library.register_autograd(op, _backward, setup_context=_setup_context)
+
+
+if _library.EXTENSION_ERROR is None:
+    register_dfl_op("stable_dfl::dfl_forward")
+
+
+def _triton_op():
+    from . import triton_dfl
+
+    return triton_dfl.dfl_forward_triton
+
+
+def dfl_rows(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    reduce_sum: bool,
+    backend: str,
+) -> torch.Tensor:
+    """Loss of ``pred[N, n_bins]`` rows against ``target[N]`` on a resolved ``backend``.
+
+    Returns the per-row losses ``[N]``, or their sum as a 0-dim tensor when ``reduce_sum``;
+    in fp32 (fp64 for fp64 logits). Differentiable with respect to ``pred``.
+    """
+    if backend == "reference":
+        loss = dfl_reference(pred, target, weight, eps)
+        return loss.sum() if reduce_sum else loss
+    need_grad = torch.is_grad_enabled() and pred.requires_grad
+    op = _triton_op() if backend == "triton" else torch.ops.stable_dfl.dfl_forward
+    loss, _ = op(pred, target, weight, eps, reduce_sum, need_grad)
+    return loss
