@@ -67,7 +67,9 @@ def _cpu_isa() -> str:
     requested = os.environ.get("STABLE_DFL_CPU_ISA", "").lower()
     if requested:
         if requested not in ("avx512", "avx2", "default"):
-            raise ValueError(f"STABLE_DFL_CPU_ISA must be avx512, avx2 or default, got {requested!r}")
+            raise ValueError(
+                f"STABLE_DFL_CPU_ISA must be avx512, avx2 or default, got {requested!r}"
+            )
         return requested
     if platform.machine() not in ("x86_64", "AMD64"):
         return "default"
@@ -85,8 +87,16 @@ def _cpu_isa() -> str:
 
 # ATen's Vectorized<T> picks its implementation from these macros and the compiler's ISA flags.
 ISA_FLAGS = {
-    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mavx2",
-               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "avx512": [
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mfma",
+        "-mavx2",
+        "-DCPU_CAPABILITY=AVX512",
+        "-DCPU_CAPABILITY_AVX512",
+    ],
     "avx2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
     "default": ["-DCPU_CAPABILITY=DEFAULT"],
 }

@@ -19,17 +19,17 @@ inline void check_dfl_forward_args(const at::Tensor& pred, const at::Tensor& tar
   TORCH_CHECK_VALUE(pred.dim() == 2, "stable_dfl::dfl_forward: pred must be [N, n_bins], got ",
                     pred.sizes());
   const auto dtype = pred.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 ||
-                       dtype == at::kDouble,
-                   "stable_dfl::dfl_forward: pred must be float16, bfloat16, float32 or float64, got ",
-                   dtype);
+  TORCH_CHECK_TYPE(
+      dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
+      "stable_dfl::dfl_forward: pred must be float16, bfloat16, float32 or float64, got ", dtype);
   TORCH_CHECK_VALUE(pred.size(1) >= 2 && pred.size(1) <= kMaxBins,
                     "stable_dfl::dfl_forward: n_bins must be in [2, ", kMaxBins, "], got ",
                     pred.size(1));
   TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == pred.size(0),
                     "stable_dfl::dfl_forward: target must be [N] with N = ", pred.size(0), ", got ",
                     target.sizes());
-  TORCH_CHECK_TYPE(target.is_floating_point(), "stable_dfl::dfl_forward: target must be floating point, got ",
+  TORCH_CHECK_TYPE(target.is_floating_point(),
+                   "stable_dfl::dfl_forward: target must be floating point, got ",
                    target.scalar_type());
   TORCH_CHECK_VALUE(target.device() == pred.device(), "stable_dfl::dfl_forward: target is on ",
                     target.device(), " but pred is on ", pred.device());

@@ -19,15 +19,25 @@ namespace stable_dfl {
 template <typename T>
 using SimdVec = at::vec::Vectorized<T>;
 template <typename T>
-inline SimdVec<T> math_log(const SimdVec<T>& x) { return x.log(); }
+inline SimdVec<T> math_log(const SimdVec<T>& x) {
+  return x.log();
+}
 template <typename T>
-inline SimdVec<T> math_floor(const SimdVec<T>& x) { return x.floor(); }
+inline SimdVec<T> math_floor(const SimdVec<T>& x) {
+  return x.floor();
+}
 template <typename T>
-inline SimdVec<T> math_max(const SimdVec<T>& a, const SimdVec<T>& b) { return at::vec::maximum(a, b); }
+inline SimdVec<T> math_max(const SimdVec<T>& a, const SimdVec<T>& b) {
+  return at::vec::maximum(a, b);
+}
 template <typename T>
-inline SimdVec<T> math_min(const SimdVec<T>& a, const SimdVec<T>& b) { return at::vec::minimum(a, b); }
+inline SimdVec<T> math_min(const SimdVec<T>& a, const SimdVec<T>& b) {
+  return at::vec::minimum(a, b);
+}
 template <typename T>
-inline SimdVec<T> math_neg(const SimdVec<T>& x) { return x.neg(); }
+inline SimdVec<T> math_neg(const SimdVec<T>& x) {
+  return x.neg();
+}
 template <typename T>
 inline SimdVec<T> keep_if_ge(const SimdVec<T>& a, const SimdVec<T>& b, const SimdVec<T>& value) {
   return value & (a >= b);
@@ -85,7 +95,8 @@ struct BlockKernel {
     const Vec right = th.left + one;
 
     Vec row_max = Vec::loadu(cols);
-    for (int j = 1; j < n_bins; ++j) row_max = at::vec::maximum(row_max, Vec::loadu(cols + j * kLanes));
+    for (int j = 1; j < n_bins; ++j)
+      row_max = at::vec::maximum(row_max, Vec::loadu(cols + j * kLanes));
 
     Vec sum_exp = zero;
     Vec x_left = zero;
@@ -108,8 +119,8 @@ struct BlockKernel {
     for (int j = 0; j < n_bins; ++j) {
       const Vec bin(static_cast<acc_t>(j));
       const Vec e = Vec::loadu(cols + j * kLanes);
-      const Vec g = e * r.grad_scale - (r.grad_left & (bin == th.left)) -
-                    (r.grad_right & (bin == right));
+      const Vec g =
+          e * r.grad_scale - (r.grad_left & (bin == th.left)) - (r.grad_right & (bin == right));
       g.store(cols + j * kLanes);
     }
     for (int i = 0; i < count; ++i) {
@@ -130,8 +141,8 @@ void dfl_forward_typed(const at::Tensor& pred, const at::Tensor& target,
   const acc_t* target_ptr = target.const_data_ptr<acc_t>();
   const acc_t* weight_ptr = weight.has_value() ? weight->const_data_ptr<acc_t>() : nullptr;
   scalar_t* grad_ptr = grad != nullptr ? grad->mutable_data_ptr<scalar_t>() : nullptr;
-  const acc_t log_eps = eps > 0 ? static_cast<acc_t>(std::log(eps))
-                                : -std::numeric_limits<acc_t>::infinity();
+  const acc_t log_eps =
+      eps > 0 ? static_cast<acc_t>(std::log(eps)) : -std::numeric_limits<acc_t>::infinity();
 
   const int64_t n_chunks = (n_rows + kRowsPerChunk - 1) / kRowsPerChunk;
   std::vector<double> partial(reduce_sum ? n_chunks : 0, 0.0);
@@ -147,8 +158,9 @@ void dfl_forward_typed(const at::Tensor& pred, const at::Tensor& target,
       for (int64_t i = chunk * kRowsPerChunk; i < row_end; i += kLanes) {
         const int count = static_cast<int>(std::min<int64_t>(kLanes, row_end - i));
         acc_t* loss_out = reduce_sum ? block_loss : row_loss_ptr + i;
-        kernel(pred_ptr + i * n_bins, target_ptr + i, weight_ptr != nullptr ? weight_ptr + i : nullptr,
-               count, loss_out, grad_ptr != nullptr ? grad_ptr + i * n_bins : nullptr);
+        kernel(pred_ptr + i * n_bins, target_ptr + i,
+               weight_ptr != nullptr ? weight_ptr + i : nullptr, count, loss_out,
+               grad_ptr != nullptr ? grad_ptr + i * n_bins : nullptr);
         if (reduce_sum) {
           for (int k = 0; k < count; ++k) chunk_sum += static_cast<double>(block_loss[k]);
         }
@@ -176,13 +188,16 @@ std::tuple<at::Tensor, at::Tensor> dfl_forward_cpu(const at::Tensor& pred_in,
   if (weight_in.has_value()) weight = weight_in->to(acc_dtype).contiguous();
 
   const auto acc_options = pred.options().dtype(acc_dtype);
-  at::Tensor loss = reduce_sum ? at::empty({}, acc_options) : at::empty({pred.size(0)}, acc_options);
-  at::Tensor grad = need_grad ? at::empty(pred.sizes(), pred.options()) : at::empty({0}, pred.options());
+  at::Tensor loss =
+      reduce_sum ? at::empty({}, acc_options) : at::empty({pred.size(0)}, acc_options);
+  at::Tensor grad =
+      need_grad ? at::empty(pred.sizes(), pred.options()) : at::empty({0}, pred.options());
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "dfl_forward_cpu", [&] {
-    dfl_forward_typed<scalar_t>(pred, target, weight, eps, reduce_sum, loss,
-                                need_grad ? &grad : nullptr);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, pred.scalar_type(), "dfl_forward_cpu", [&] {
+        dfl_forward_typed<scalar_t>(pred, target, weight, eps, reduce_sum, loss,
+                                    need_grad ? &grad : nullptr);
+      });
   return {loss, grad};
 }
 

@@ -11,7 +11,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stable_dfl")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, backends built and usable here, agreement check")
-    commands.add_parser("train", help="train the dual-head detector (see `train --help`)", add_help=False)
+    commands.add_parser(
+        "train", help="train the dual-head detector (see `train --help`)", add_help=False
+    )
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         from .cli_info import run_info

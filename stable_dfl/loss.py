@@ -74,7 +74,9 @@ def _check_args(
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if pred.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"pred must be float16, bfloat16, float32 or float64 logits, got {pred.dtype}")
+        raise TypeError(
+            f"pred must be float16, bfloat16, float32 or float64 logits, got {pred.dtype}"
+        )
     if target.dtype == torch.bool or target.is_complex():
         raise TypeError(f"target must hold real numbers (bin units), got {target.dtype}")
     if pred.device != target.device:
@@ -107,7 +109,17 @@ def stable_dfl_loss(
 ) -> torch.Tensor:
     """Numerically stable Distribution Focal Loss; see :class:`StableDFLLoss`."""
     loss, _ = _stable_dfl_loss(
-        pred, target, weight, avg_factor, mask, n_bins, eps, max_loss, reduction, loss_weight, backend
+        pred,
+        target,
+        weight,
+        avg_factor,
+        mask,
+        n_bins,
+        eps,
+        max_loss,
+        reduction,
+        loss_weight,
+        backend,
     )
     return loss
 
@@ -125,7 +137,9 @@ def _stable_dfl_loss(
     count: torch.Tensor | int = max(flat_target.numel(), 1)
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+            raise TypeError(
+                f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}"
+            )
         flat_mask = _per_element("mask", mask, target, dtype)
         flat_weight = flat_mask if flat_weight is None else flat_weight * flat_mask
         count = flat_mask.sum().clamp(min=1)
@@ -152,7 +166,9 @@ def _avg_factor(
             raise ValueError(f"avg_factor must hold one number, got shape {_shape(avg_factor)}")
         return avg_factor.reshape(()).to(like.dtype)
     if isinstance(avg_factor, bool) or not isinstance(avg_factor, numbers.Real):
-        raise TypeError(f"avg_factor must be a number, a tensor or None, got {type(avg_factor).__name__}")
+        raise TypeError(
+            f"avg_factor must be a number, a tensor or None, got {type(avg_factor).__name__}"
+        )
     if not avg_factor > 0:
         raise ValueError(f"avg_factor must be positive, got {avg_factor}")
     return float(avg_factor)

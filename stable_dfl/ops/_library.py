@@ -88,7 +88,9 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
         if triton_import_error() is not None:
             return triton_import_error()
         if device.type == "cpu" and not triton_interpreter_enabled():
-            return "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to interpret them on CPU)"
+            return (
+                "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to interpret them on CPU)"
+            )
         if device.type not in ("cpu", "cuda"):
             return f"Triton kernels need CUDA tensors, got tensors on {device}"
         return None

@@ -3,9 +3,9 @@
 Kernels (C++/CUDA in ``stable_dfl._C``, Triton in :mod:`.triton_dfl`) compute, in one
 pass, each row's loss (or their deterministic sum) and, when a gradient is needed,
 the gradient of that sum in its own buffer. Backward only scales that buffer by the
-incoming gradient, in place: the buffer is saved with ``save_for_backward``, so a
-second backward through the same graph (``retain_graph=True``) raises autograd's
-"modified by an inplace operation" error instead of returning a wrong gradient.
+incoming gradient. It scales into a new tensor rather than in place: the saved buffer
+must survive for ``retain_graph=True``, ``gradcheck`` and Jacobians, which run backward
+through the same graph more than once.
 """
 
 from __future__ import annotations
@@ -30,13 +30,19 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return "reference"
     reason = _library.unavailable_reason(backend, device)
     if reason is not None:
-        raise _library.BackendUnavailableError(f"stable_dfl backend {backend!r} unavailable: {reason}")
+        raise _library.BackendUnavailableError(
+            f"stable_dfl backend {backend!r} unavailable: {reason}"
+        )
     return backend
 
 
 def _fake_dfl_forward(pred, target, weight, eps, reduce_sum, need_grad):
     dtype = compute_dtype(pred.dtype)
-    loss = pred.new_empty((), dtype=dtype) if reduce_sum else pred.new_empty((pred.shape[0],), dtype=dtype)
+    loss = (
+        pred.new_empty((), dtype=dtype)
+        if reduce_sum
+        else pred.new_empty((pred.shape[0],), dtype=dtype)
+    )
     grad = torch.empty_like(pred) if need_grad else pred.new_empty((0,))
     return loss, grad
 
@@ -50,11 +56,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _grad_of_grad):
     (grad,) = ctx.saved_tensors
-    # A [1, 1] / [N, 1] fp32 factor keeps the product in fp32 before it is rounded to grad's dtype.
+    # A [1, 1] / [N, 1] fp32 factor keeps the product in fp32; it is rounded once to grad's dtype.
     scale = grad_loss.reshape(1, 1) if ctx.reduce_sum else grad_loss.unsqueeze(-1)
-    # Compiled graphs are functional; AOTAutograd plans the buffers there.
-    scaled = (grad * scale).to(grad.dtype) if torch.compiler.is_compiling() else grad.mul_(scale)
-    return scaled, None, None, None, None, None
+    return (grad * scale).to(grad.dtype), None, None, None, None, None
 
 
 def register_dfl_op(op) -> None:
