@@ -21,4 +21,7 @@ TORCH_LIBRARY(stable_dfl, m) {
   m.def(
       "dfl_forward(Tensor pred, Tensor target, Tensor? weight, float eps, bool reduce_sum, "
       "bool need_grad) -> (Tensor, Tensor)");
+  // Backward of dfl_forward: grad * grad_loss (0-dim, or one factor per row [N]),
+  // computed in fp32 and rounded once to grad's dtype, into a new tensor.
+  m.def("dfl_backward(Tensor grad, Tensor grad_loss) -> Tensor");
 }

@@ -36,6 +36,11 @@ def _has_kernel(op: str, dispatch_key: str) -> bool:
     )
 
 
+def has_kernel(op: str, device: torch.device) -> bool:
+    """True when the loaded extension has a kernel of ``op`` for tensors on ``device``."""
+    return device.type in ("cpu", "cuda") and _has_kernel(op, device.type.upper())
+
+
 def compiled_cpu_available(op: str = "dfl_forward") -> bool:
     """True when the compiled C++ CPU kernel of ``op`` is loaded."""
     return _has_kernel(op, "CPU")

@@ -3,9 +3,9 @@
 Kernels (C++/CUDA in ``stable_dfl._C``, Triton in :mod:`.triton_dfl`) compute, in one
 pass, each row's loss (or their deterministic sum) and, when a gradient is needed,
 the gradient of that sum in its own buffer. Backward only scales that buffer by the
-incoming gradient. It scales into a new tensor rather than in place: the saved buffer
-must survive for ``retain_graph=True``, ``gradcheck`` and Jacobians, which run backward
-through the same graph more than once.
+incoming gradient (``dfl_backward``). It scales into a new tensor rather than in place:
+the saved buffer must survive for ``retain_graph=True``, ``gradcheck`` and Jacobians,
+which run backward through the same graph more than once.
 """
 
 from __future__ import annotations
@@ -49,16 +49,23 @@ def _fake_dfl_forward(pred, target, weight, eps, reduce_sum, need_grad):
 
 def _setup_context(ctx, inputs, output):
     _, grad = output
-    ctx.reduce_sum = inputs[4]
     ctx.mark_non_differentiable(grad)
     ctx.save_for_backward(grad)
 
 
 def _backward(ctx, grad_loss, _grad_of_grad):
     (grad,) = ctx.saved_tensors
-    # A [1, 1] / [N, 1] fp32 factor keeps the product in fp32; it is rounded once to grad's dtype.
-    scale = grad_loss.reshape(1, 1) if ctx.reduce_sum else grad_loss.unsqueeze(-1)
-    return (grad * scale).to(grad.dtype), None, None, None, None, None
+    return scale_saved_grad(grad, grad_loss), None, None, None, None, None
+
+
+def scale_saved_grad(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """``grad * grad_loss`` per row (``grad_loss`` 0-dim or ``[N]``), computed in fp32 and rounded
+    once to grad's dtype: the compiled ``dfl_backward`` kernel where one exists for the device."""
+    if _library.has_kernel("dfl_backward", grad.device):
+        return torch.ops.stable_dfl.dfl_backward(grad, grad_loss)
+    # An fp32 [1, 1] / [N, 1] factor keeps the product in fp32 until the final cast.
+    scale = grad_loss.reshape(1, 1) if grad_loss.dim() == 0 else grad_loss.unsqueeze(-1)
+    return (grad * scale).to(grad.dtype)
 
 
 def register_dfl_op(op) -> None:
@@ -69,6 +76,9 @@ def register_dfl_op(op) -> None:
 
 if _library.EXTENSION_ERROR is None:
     register_dfl_op("stable_dfl::dfl_forward")
+    torch.library.register_fake("stable_dfl::dfl_backward")(
+        lambda grad, grad_loss: torch.empty_like(grad)
+    )
 
 
 def _triton_op():
