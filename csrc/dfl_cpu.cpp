@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__linux__)
@@ -92,6 +93,8 @@ struct BlockKernel {
   // cols[j * kLanes + i]: bin j of the block's row i (logits, then exp, then gradient).
   alignas(64) acc_t cols[kMaxBins * kLanes];
   alignas(64) acc_t lanes[kLanes];
+  // Row-major [kLanes, n_bins] staging tile for fp16/bf16 rows widened to acc_t.
+  alignas(64) acc_t tile[kMaxBins * kLanes];
 
   BlockKernel(int n_bins_, acc_t log_eps_)
       : n_bins(n_bins_), log_eps(log_eps_), upper_limit(target_upper_limit<acc_t>(n_bins_)) {}
@@ -106,10 +109,16 @@ struct BlockKernel {
   // to loss_out[i] and, when grad is not null, the rows' gradients.
   void operator()(const scalar_t* logits, const acc_t* target, const acc_t* weight, int count,
                   acc_t* loss_out, scalar_t* grad) {
-    for (int i = 0; i < count; ++i) {
-      const scalar_t* row = logits + static_cast<int64_t>(i) * n_bins;
-      for (int j = 0; j < n_bins; ++j) cols[j * kLanes + i] = static_cast<acc_t>(row[j]);
+    // The block's rows are contiguous: widen them in one vectorised pass, then
+    // transpose the tile with SIMD shuffles.
+    const acc_t* rows = nullptr;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      rows = logits;
+    } else {
+      at::vec::convert(logits, tile, static_cast<int64_t>(count) * n_bins);
+      rows = tile;
     }
+    at::vec::transpose_mxn<acc_t>(rows, n_bins, cols, kLanes, count, n_bins);
     for (int i = count; i < kLanes; ++i) {
       for (int j = 0; j < n_bins; ++j) cols[j * kLanes + i] = acc_t(0);
     }
@@ -151,9 +160,11 @@ struct BlockKernel {
           e * r.grad_scale - (r.grad_left & (bin == th.left)) - (r.grad_right & (bin == right));
       g.store(cols + j * kLanes);
     }
-    for (int i = 0; i < count; ++i) {
-      scalar_t* row = grad + static_cast<int64_t>(i) * n_bins;
-      for (int j = 0; j < n_bins; ++j) row[j] = static_cast<scalar_t>(cols[j * kLanes + i]);
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      at::vec::transpose_mxn<acc_t>(cols, kLanes, grad, n_bins, n_bins, count);
+    } else {
+      at::vec::transpose_mxn<acc_t>(cols, kLanes, tile, n_bins, n_bins, count);
+      at::vec::convert(tile, grad, static_cast<int64_t>(count) * n_bins);
     }
   }
 };

@@ -50,10 +50,15 @@ def _fake_dfl_forward(pred, target, weight, eps, reduce_sum, need_grad):
 def _setup_context(ctx, inputs, output):
     _, grad = output
     ctx.mark_non_differentiable(grad)
+    # Otherwise autograd hands backward a zero-filled tensor the size of pred for the unused
+    # gradient of `grad`: a wasted allocation and memset as large as the kernel's own output.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad)
 
 
 def _backward(ctx, grad_loss, _grad_of_grad):
+    if grad_loss is None:  # the loss did not reach the output being differentiated
+        return None, None, None, None, None, None
     (grad,) = ctx.saved_tensors
     return scale_saved_grad(grad, grad_loss), None, None, None, None, None
 
