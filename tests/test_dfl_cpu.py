@@ -32,7 +32,7 @@ def run_cpu(pred, target, weight=None, reduction="none", grad_out=None):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n_bins", [8, 16, 17, 32, 33])
+@pytest.mark.parametrize("n_bins", [2, 8, 16, 17, 32, 33, 128])
 @pytest.mark.parametrize("n_rows", [0, 1, 7, 4097])
 def test_matches_float64_reference(n_rows, n_bins, dtype):
     pred, target, weight = random_case(n_rows, n_bins, dtype, weighted=n_rows % 2 == 1)
