@@ -123,10 +123,10 @@ def _dfl_forward_kernel(
         tl.store(grad_ptr + grad_offsets, grad.to(grad_ptr.dtype.element_ty), mask=tile_in)
 
 
-def _block_rows(n_rows: int, block_bins: int) -> int:
+def _block_rows(block_bins: int) -> int:
+    """Rows per program; independent of N, so each bin count and dtype compiles one kernel."""
     budget = _INTERPRETER_BLOCK_ELEMENTS if triton_interpreter_enabled() else _GPU_BLOCK_ELEMENTS
-    rows_per_program = max(1, budget // block_bins)
-    return min(rows_per_program, triton.next_power_of_2(max(n_rows, 1)))
+    return budget // block_bins
 
 
 def _check_args(
@@ -191,7 +191,7 @@ def dfl_forward_triton(
         return loss, grad.to(pred.dtype)
 
     block_bins = triton.next_power_of_2(n_bins)
-    block_rows = _block_rows(n_rows, block_bins)
+    block_rows = _block_rows(block_bins)
     n_programs = triton.cdiv(n_rows, block_rows)
     row_loss = pred.new_empty((0,) if reduce_sum else (n_rows,), dtype=dtype)
     partial_sums = pred.new_empty((n_programs,) if reduce_sum else (0,), dtype=torch.float64)
