@@ -27,3 +27,11 @@ echo "[stable_dfl] building and installing stable_dfl$EXTRAS"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export MAX_JOBS="${MAX_JOBS:-2}"
 (cd "$ROOT" && "${PIP[@]}" install --no-build-isolation -e ".$EXTRAS")
+
+if [[ " $* " == *" test "* ]]; then
+  # ultralytics for the drop-in parity tests, without its declared dependencies (torchvision,
+  # matplotlib, scipy, polars, ...): its loss and model code import only these, and
+  # torchvision could pull another torch. Not a pyproject extra, since extras bring all deps.
+  "${PIP[@]}" install opencv-python-headless pillow pyyaml
+  "${PIP[@]}" install --no-deps "ultralytics==8.4.190"
+fi
