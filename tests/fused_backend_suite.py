@@ -1,7 +1,8 @@
-"""Tests every fused GPU backend must pass, against the float64 reference.
+"""Tests every fused backend must pass, against the float64 reference.
 
 They take two fixtures, ``backend`` (a backend name) and ``device`` (where the tensors live),
-which the importing test module defines: test_dfl_triton.py (Triton, interpreted on CPU
+which the importing test module defines: test_dfl_cpu.py (the compiled CPU kernel),
+test_dfl_triton.py (Triton, interpreted on CPU
 tensors without a GPU) and test_dfl_cuda.py (the compiled CUDA kernel).
 """
 
