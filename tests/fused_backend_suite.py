@@ -2,8 +2,8 @@
 
 They take two fixtures, ``backend`` (a backend name) and ``device`` (where the tensors live),
 which the importing test module defines: test_dfl_cpu.py (the compiled CPU kernel),
-test_dfl_triton.py (Triton, interpreted on CPU
-tensors without a GPU) and test_dfl_cuda.py (the compiled CUDA kernel).
+test_dfl_triton.py (Triton, interpreted on CPU tensors without a GPU) and test_dfl_cuda.py
+(the compiled CUDA kernel).
 """
 
 from __future__ import annotations
