@@ -121,7 +121,8 @@ _grad_sumsq_nonfinite_triton.register_fake(_fake_grad_sumsq_nonfinite)
 _unscale_grad_sumsq_nonfinite_triton.register_fake(_fake_grad_sumsq_nonfinite)
 
 
-def _unavailable_reason(backend: str, device: torch.device) -> str | None:
+def unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """None when ``backend`` can run the gradient ops on ``device``, else why not."""
     reason = _library.unavailable_reason(backend, device)
     if reason is None and backend == "cpu" and not _library.compiled_cpu_available(GRAD_NORM_OP):
         return f"the loaded stable_dfl._C has no CPU kernel of {GRAD_NORM_OP} (rebuild it)"
@@ -139,10 +140,10 @@ def resolve_grad_norm_backend(backend: str, device: torch.device) -> str:
     """
     if backend == "auto":
         for candidate in AUTO_ORDER.get(device.type, ("reference",)):
-            if _unavailable_reason(candidate, device) is None:
+            if unavailable_reason(candidate, device) is None:
                 return candidate
         return "reference"
-    reason = _unavailable_reason(backend, device)
+    reason = unavailable_reason(backend, device)
     if reason is not None:
         raise _library.BackendUnavailableError(
             f"stable_dfl backend {backend!r} unavailable: {reason}"
