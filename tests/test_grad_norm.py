@@ -214,19 +214,17 @@ def test_compiled_op_checks_its_arguments() -> None:
 def opcheck_cases() -> list[tuple[object, tuple]]:
     grads = [torch.randn(5), torch.randn(3, 4).half(), torch.randn(7).bfloat16(), torch.empty(0)]
     inv_scale = torch.tensor([0.5])
-    cases = [
-        (torch.ops.stable_dfl.grad_sumsq_nonfinite_triton.default, (grads, None)),
-        (torch.ops.stable_dfl.grad_sumsq_nonfinite_triton.default, (grads, inv_scale)),
-        (torch.ops.stable_dfl.unscale_grad_sumsq_nonfinite_triton_.default, (grads, inv_scale)),
-    ]
-    if _library.compiled_cpu_available(GRAD_NORM_OP):
-        cases += [
-            (torch.ops.stable_dfl.grad_sumsq_nonfinite.default, (grads, None)),
-            (torch.ops.stable_dfl.grad_sumsq_nonfinite.default, (grads, inv_scale)),
-            (torch.ops.stable_dfl.unscale_grad_sumsq_nonfinite_.default, (grads, inv_scale)),
-        ]
-    if "triton" not in BACKENDS_HERE:
-        cases = cases[3:]
+    ops = torch.ops.stable_dfl
+    pairs = []  # (read-only op, in-place op)
+    if "triton" in BACKENDS_HERE:
+        pairs.append((ops.grad_sumsq_nonfinite_triton, ops.unscale_grad_sumsq_nonfinite_triton_))
+    if "cpu" in BACKENDS_HERE:
+        pairs.append((ops.grad_sumsq_nonfinite, ops.unscale_grad_sumsq_nonfinite_))
+    cases = []
+    for read_only, in_place in pairs:
+        cases.append((read_only.default, (grads, None)))
+        cases.append((read_only.default, (grads, inv_scale)))
+        cases.append((in_place.default, (grads, inv_scale)))
     return cases
 
 
