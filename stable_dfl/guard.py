@@ -15,7 +15,7 @@ never says which tensor went bad. With the guard::
     guard = GradGuard(model, max_norm=10.0)
     ...
     scaler.scale(loss).backward()
-    result = guard.step(optimizer, scaler)     # pass 1 (read + write), pass 2 (read + write)
+    result = guard.step(optimizer, scaler)     # pass 1 (read + write), pass 2 (read + write)*
     if result.skipped:
         log.warning("NaN/Inf gradient in %s", ", ".join(result.offenders))
 
@@ -23,6 +23,7 @@ Pass 1 is :func:`stable_dfl.ops.grad_norm.grad_sumsq_nonfinite`: GradScaler's un
 sum of squares (float32 or better) and a per-tensor NaN/Inf flag, fused. Pass 2 is the
 clip, ``torch._foreach_mul_`` by ``min(max_norm / (norm + 1e-6), 1)`` computed on the
 device, as ``torch.nn.utils.clip_grad_norm_`` does, so clipping needs no host sync.
+(*) On the CPU, where reading the coefficient is free, pass 2 is skipped when it is 1.
 """
 
 from __future__ import annotations
@@ -154,6 +155,15 @@ def _named_parameters(parameters: NamedParameters) -> list[tuple[str, torch.Tens
                 f"item {index} is a {type(item).__name__}"
             )
     return named
+
+
+def _multiply_(grads: list[torch.Tensor], factor: torch.Tensor) -> None:
+    """``grads *= factor``, one ``_foreach_mul_`` per dtype as ``clip_grad_norm_`` groups them."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for grad in grads:
+        by_dtype.setdefault(grad.dtype, []).append(grad)
+    for same_dtype in by_dtype.values():
+        torch._foreach_mul_(same_dtype, factor)
 
 
 class GradGuard:
@@ -312,13 +322,12 @@ class GradGuard:
             clip_coef = torch.ones((), dtype=torch.float32, device=primary)
         else:
             clip_coef = torch.clamp(self.max_norm / (sumsq.sqrt() + CLIP_EPS), max=1.0)
-            for device, (_, grads) in groups.items():
-                device_coef = clip_coef.to(device, non_blocking=True)
-                by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-                for grad in grads:
-                    by_dtype.setdefault(grad.dtype, []).append(grad)
-                for same_dtype in by_dtype.values():
-                    torch._foreach_mul_(same_dtype, device_coef)
+            # Multiplying by 1.0 leaves every bit as it is. On the CPU the coefficient is
+            # read for free, and skipping that multiply saves a read and a write of every
+            # gradient; on a GPU, deciding would cost a host sync, so the multiply is queued.
+            if primary.type != "cpu" or clip_coef.item() != 1.0:
+                for device, (_, grads) in groups.items():
+                    _multiply_(grads, clip_coef.to(device, non_blocking=True))
         nonfinite = torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool, device=primary)
         return GradGuardResult(sumsq, found, clip_coef, nonfinite, names, self.max_offenders)
 
