@@ -1,0 +1,168 @@
+// CUDA kernels of the gradient sum of squares and non-finite check
+// (see grad_norm_kernels.h). Raw pointers only: no torch headers.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+
+#include "grad_norm_kernels.h"
+
+namespace stable_dfl {
+namespace {
+
+constexpr int kChunkThreads = 256;
+constexpr int kFinalizeThreads = 1024;
+constexpr int kWarp = 32;
+
+// opmath: the type values are unscaled, squared and summed in per thread.
+template <typename T>
+struct Opmath {
+  using type = float;
+  __device__ static float load(T x) { return static_cast<float>(x); }
+  __device__ static T store(float x) { return static_cast<T>(x); }
+};
+template <>
+struct Opmath<__half> {
+  using type = float;
+  __device__ static float load(__half x) { return __half2float(x); }
+  __device__ static __half store(float x) { return __float2half_rn(x); }
+};
+template <>
+struct Opmath<__nv_bfloat16> {
+  using type = float;
+  __device__ static float load(__nv_bfloat16 x) { return __bfloat162float(x); }
+  __device__ static __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
+};
+template <>
+struct Opmath<double> {
+  using type = double;
+  __device__ static double load(double x) { return x; }
+  __device__ static double store(double x) { return x; }
+};
+
+// Fixed-shape tree sum over the block: the same bits on every run.
+template <typename acc_t, int kThreads>
+__device__ acc_t block_sum(acc_t value, acc_t* shared) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    value += __shfl_down_sync(0xffffffffu, value, offset);
+  }
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  if (lane == 0) shared[warp] = value;
+  __syncthreads();
+  constexpr int kWarps = kThreads / kWarp;
+  value = threadIdx.x < kWarps ? shared[threadIdx.x] : acc_t(0);
+  if (warp == 0) {
+    for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+      value += __shfl_down_sync(0xffffffffu, value, offset);
+    }
+  }
+  return value;  // valid in thread 0
+}
+
+template <typename T>
+__device__ void reduce_chunk(T* data, int length, const float* inv_scale, bool write_back,
+                             double* partial, uint8_t* nonfinite) {
+  using opmath_t = typename Opmath<T>::type;
+  __shared__ opmath_t shared[kChunkThreads / kWarp];
+  opmath_t sumsq = 0;
+  bool bad = false;
+  const opmath_t inv = inv_scale != nullptr ? static_cast<opmath_t>(*inv_scale) : opmath_t(1);
+  for (int i = threadIdx.x; i < length; i += kChunkThreads) {
+    T x = data[i];
+    if (inv_scale != nullptr) {
+      // GradScaler's rounding: multiply in opmath, round once to the dtype.
+      x = Opmath<T>::store(Opmath<T>::load(x) * inv);
+      if (write_back) data[i] = x;
+    }
+    const opmath_t v = Opmath<T>::load(x);
+    sumsq += v * v;
+    bad |= !isfinite(v);
+  }
+  const opmath_t total = block_sum<opmath_t, kChunkThreads>(sumsq, shared);
+  const bool any_bad = __syncthreads_or(bad);
+  if (threadIdx.x == 0) {
+    *partial = static_cast<double>(total);
+    *nonfinite = any_bad ? 1 : 0;
+  }
+}
+
+__global__ void __launch_bounds__(kChunkThreads)
+    chunk_kernel(const GradTensorMeta* tensors, const GradChunkMeta* chunks,
+                 const float* inv_scale, bool write_back, double* chunk_partial,
+                 uint8_t* chunk_nonfinite) {
+  const GradChunkMeta chunk = chunks[blockIdx.x];
+  const GradTensorMeta tensor = tensors[chunk.tensor];
+  double* partial = chunk_partial + blockIdx.x;
+  uint8_t* nonfinite = chunk_nonfinite + blockIdx.x;
+  switch (tensor.dtype) {
+    case GradDtype::kFloat32:
+      reduce_chunk(static_cast<float*>(tensor.data) + chunk.begin, chunk.length, inv_scale,
+                   write_back, partial, nonfinite);
+      break;
+    case GradDtype::kFloat16:
+      reduce_chunk(static_cast<__half*>(tensor.data) + chunk.begin, chunk.length, inv_scale,
+                   write_back, partial, nonfinite);
+      break;
+    case GradDtype::kBFloat16:
+      reduce_chunk(static_cast<__nv_bfloat16*>(tensor.data) + chunk.begin, chunk.length,
+                   inv_scale, write_back, partial, nonfinite);
+      break;
+    case GradDtype::kFloat64:
+      reduce_chunk(static_cast<double*>(tensor.data) + chunk.begin, chunk.length, inv_scale,
+                   write_back, partial, nonfinite);
+      break;
+  }
+}
+
+// One block: thread t owns tensors t, t + kFinalizeThreads, ... and adds their
+// chunks in order; the block then sums the owners' totals in a fixed tree.
+__global__ void __launch_bounds__(kFinalizeThreads)
+    finalize_kernel(const GradTensorMeta* tensors, int64_t n_tensors,
+                    const double* chunk_partial, const uint8_t* chunk_nonfinite, float* sumsq,
+                    float* found_nonfinite, bool* nonfinite) {
+  __shared__ double shared[kFinalizeThreads / kWarp];
+  double total = 0.0;
+  bool any_bad = false;
+  for (int64_t t = threadIdx.x; t < n_tensors; t += kFinalizeThreads) {
+    const GradTensorMeta tensor = tensors[t];
+    double tensor_sumsq = 0.0;
+    bool bad = false;
+    for (int64_t c = tensor.first_chunk; c < tensor.first_chunk + tensor.n_chunks; ++c) {
+      tensor_sumsq += chunk_partial[c];
+      bad |= chunk_nonfinite[c] != 0;
+    }
+    nonfinite[t] = bad;
+    any_bad |= bad;
+    if (!bad) total += tensor_sumsq;
+  }
+  total = block_sum<double, kFinalizeThreads>(total, shared);
+  any_bad = __syncthreads_or(any_bad);
+  if (threadIdx.x == 0) {
+    const float rounded = static_cast<float>(total);
+    *sumsq = rounded;
+    *found_nonfinite = any_bad || isinf(rounded) ? 1.0f : 0.0f;
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_grad_sumsq_nonfinite(const GradTensorMeta* tensors, int64_t n_tensors,
+                                        const GradChunkMeta* chunks, int64_t n_chunks,
+                                        const float* inv_scale, bool write_back,
+                                        double* chunk_partial, uint8_t* chunk_nonfinite,
+                                        float* sumsq, float* found_nonfinite, bool* nonfinite,
+                                        cudaStream_t stream) {
+  if (n_chunks > 0) {
+    chunk_kernel<<<static_cast<unsigned>(n_chunks), kChunkThreads, 0, stream>>>(
+        tensors, chunks, inv_scale, write_back, chunk_partial, chunk_nonfinite);
+    const cudaError_t error = cudaGetLastError();
+    if (error != cudaSuccess) return error;
+  }
+  finalize_kernel<<<1, kFinalizeThreads, 0, stream>>>(tensors, n_tensors, chunk_partial,
+                                                      chunk_nonfinite, sumsq, found_nonfinite,
+                                                      nonfinite);
+  return cudaGetLastError();
+}
+
+}  // namespace stable_dfl
