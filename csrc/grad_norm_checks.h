@@ -25,9 +25,10 @@ inline void check_grad_list(at::TensorList grads, const c10::optional<at::Tensor
                      "); densify sparse gradients first");
     TORCH_CHECK_TYPE(is_grad_dtype(g.scalar_type()), op_name, ": tensor ", i,
                      " must be float32, float16, bfloat16 or float64, got ", g.scalar_type());
-    TORCH_CHECK_VALUE(g.device() == grads[0].device(), op_name, ": all tensors must be on one "
-                      "device; tensor 0 is on ", grads[0].device(), ", tensor ", i, " on ",
-                      g.device());
+    TORCH_CHECK_VALUE(g.device() == grads[0].device(), op_name,
+                      ": all tensors must be on one "
+                      "device; tensor 0 is on ",
+                      grads[0].device(), ", tensor ", i, " on ", g.device());
   }
   if (inv_scale.has_value()) {
     TORCH_CHECK_TYPE(inv_scale->scalar_type() == at::kFloat, op_name,

@@ -156,20 +156,17 @@ ChunkResult reduce_chunk(scalar_t* data, int64_t n, at::opmath_type<scalar_t> in
 }
 
 template <bool kUnscale, bool kWriteBack>
-ChunkResult reduce_chunk_any_dtype(const at::Tensor& tensor, const Chunk& chunk,
-                                   float inv_scale) {
+ChunkResult reduce_chunk_any_dtype(const at::Tensor& tensor, const Chunk& chunk, float inv_scale) {
   ChunkResult result;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensor.scalar_type(),
-                                  "grad_sumsq_nonfinite_cpu", [&] {
-                                    using opmath_t = at::opmath_type<scalar_t>;
-                                    // const_cast: only written when kWriteBack,
-                                    // which only the in-place op instantiates.
-                                    scalar_t* data =
-                                        const_cast<scalar_t*>(tensor.const_data_ptr<scalar_t>());
-                                    result = reduce_chunk<scalar_t, kUnscale, kWriteBack>(
-                                        data + chunk.begin, chunk.end - chunk.begin,
-                                        static_cast<opmath_t>(inv_scale));
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, tensor.scalar_type(), "grad_sumsq_nonfinite_cpu", [&] {
+        using opmath_t = at::opmath_type<scalar_t>;
+        // const_cast: only written when kWriteBack,
+        // which only the in-place op instantiates.
+        scalar_t* data = const_cast<scalar_t*>(tensor.const_data_ptr<scalar_t>());
+        result = reduce_chunk<scalar_t, kUnscale, kWriteBack>(
+            data + chunk.begin, chunk.end - chunk.begin, static_cast<opmath_t>(inv_scale));
+      });
   return result;
 }
 
@@ -210,7 +207,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grad_sumsq_nonfinite_impl(
   });
 
   const auto device = grads.empty() ? at::Device(at::kCPU) : grads[0].device();
-  at::Tensor nonfinite = at::empty({n_tensors}, at::TensorOptions().dtype(at::kBool).device(device));
+  at::Tensor nonfinite =
+      at::empty({n_tensors}, at::TensorOptions().dtype(at::kBool).device(device));
   bool* nonfinite_ptr = nonfinite.mutable_data_ptr<bool>();
   std::fill(nonfinite_ptr, nonfinite_ptr + n_tensors, false);
   std::vector<double> tensor_sumsq(n_tensors, 0.0);

@@ -60,9 +60,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grad_sumsq_nonfinite_launch(
   // host allocator keeps the buffer alive until the copy has run.
   const size_t tensor_bytes = tensors.size() * sizeof(GradTensorMeta);
   const size_t chunk_bytes = chunks.size() * sizeof(GradChunkMeta);
-  at::Tensor host_tables =
-      at::empty({static_cast<int64_t>(tensor_bytes + chunk_bytes)},
-                at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  at::Tensor host_tables = at::empty({static_cast<int64_t>(tensor_bytes + chunk_bytes)},
+                                     at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   std::memcpy(host_tables.mutable_data_ptr<uint8_t>(), tensors.data(), tensor_bytes);
   std::memcpy(host_tables.mutable_data_ptr<uint8_t>() + tensor_bytes, chunks.data(), chunk_bytes);
   const at::Tensor tables = host_tables.to(device, /*non_blocking=*/true);

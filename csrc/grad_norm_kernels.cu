@@ -88,9 +88,8 @@ __device__ void reduce_chunk(T* data, int length, const float* inv_scale, bool w
 }
 
 __global__ void __launch_bounds__(kChunkThreads)
-    chunk_kernel(const GradTensorMeta* tensors, const GradChunkMeta* chunks,
-                 const float* inv_scale, bool write_back, double* chunk_partial,
-                 uint8_t* chunk_nonfinite) {
+    chunk_kernel(const GradTensorMeta* tensors, const GradChunkMeta* chunks, const float* inv_scale,
+                 bool write_back, double* chunk_partial, uint8_t* chunk_nonfinite) {
   const GradChunkMeta chunk = chunks[blockIdx.x];
   const GradTensorMeta tensor = tensors[chunk.tensor];
   double* partial = chunk_partial + blockIdx.x;
@@ -105,8 +104,8 @@ __global__ void __launch_bounds__(kChunkThreads)
                    write_back, partial, nonfinite);
       break;
     case GradDtype::kBFloat16:
-      reduce_chunk(static_cast<__nv_bfloat16*>(tensor.data) + chunk.begin, chunk.length,
-                   inv_scale, write_back, partial, nonfinite);
+      reduce_chunk(static_cast<__nv_bfloat16*>(tensor.data) + chunk.begin, chunk.length, inv_scale,
+                   write_back, partial, nonfinite);
       break;
     case GradDtype::kFloat64:
       reduce_chunk(static_cast<double*>(tensor.data) + chunk.begin, chunk.length, inv_scale,
@@ -118,9 +117,9 @@ __global__ void __launch_bounds__(kChunkThreads)
 // One block: thread t owns tensors t, t + kFinalizeThreads, ... and adds their
 // chunks in order; the block then sums the owners' totals in a fixed tree.
 __global__ void __launch_bounds__(kFinalizeThreads)
-    finalize_kernel(const GradTensorMeta* tensors, int64_t n_tensors,
-                    const double* chunk_partial, const uint8_t* chunk_nonfinite, float* sumsq,
-                    float* found_nonfinite, bool* nonfinite) {
+    finalize_kernel(const GradTensorMeta* tensors, int64_t n_tensors, const double* chunk_partial,
+                    const uint8_t* chunk_nonfinite, float* sumsq, float* found_nonfinite,
+                    bool* nonfinite) {
   __shared__ double shared[kFinalizeThreads / kWarp];
   double total = 0.0;
   bool any_bad = false;
@@ -159,9 +158,8 @@ cudaError_t launch_grad_sumsq_nonfinite(const GradTensorMeta* tensors, int64_t n
     const cudaError_t error = cudaGetLastError();
     if (error != cudaSuccess) return error;
   }
-  finalize_kernel<<<1, kFinalizeThreads, 0, stream>>>(tensors, n_tensors, chunk_partial,
-                                                      chunk_nonfinite, sumsq, found_nonfinite,
-                                                      nonfinite);
+  finalize_kernel<<<1, kFinalizeThreads, 0, stream>>>(
+      tensors, n_tensors, chunk_partial, chunk_nonfinite, sumsq, found_nonfinite, nonfinite);
   return cudaGetLastError();
 }
 

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from conftest import needs_cuda
 
 from stable_dfl import grad_norm_and_nonfinite
 from stable_dfl.ops import _library
@@ -16,6 +15,8 @@ from stable_dfl.ops.grad_norm import (
     grad_sumsq_nonfinite_reference,
     unavailable_reason,
 )
+
+from .conftest import needs_cuda
 
 CPU = torch.device("cpu")
 BACKENDS_HERE = [b for b in ("cpu", "triton", "reference") if unavailable_reason(b, CPU) is None]

@@ -8,11 +8,12 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import needs_cuda
 from torch import nn
 
 from stable_dfl import GradGuard, GradGuardResult
 from stable_dfl.ops.grad_norm import unavailable_reason
+
+from .conftest import needs_cuda
 
 BACKENDS_HERE = [
     b for b in ("cpu", "triton", "reference") if unavailable_reason(b, torch.device("cpu")) is None
