@@ -23,9 +23,6 @@ Usage: ``python bench/bench_dfl.py [--quick]``.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -33,13 +30,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import common
 import torch
-import torch.nn.functional as F
+from common import N_BINS
 
 from stable_dfl import stable_dfl_loss
 
-RESULTS = Path(__file__).resolve().parent / "results"
-N_BINS = 16
 SIZES = (6_400, 64_000, 537_600, 2_000_000)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROVIDERS = (
@@ -53,26 +49,11 @@ PROVIDERS = (
 LOSS_PROVIDERS = PROVIDERS[:4]
 
 
-def ultralytics_dfl(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """ultralytics.utils.loss.DFLoss as its bbox loss calls it (fp32 math, as under its AMP)."""
-    pred_dist = pred.view(-1, N_BINS).float()
-    target = target.clamp(0, N_BINS - 1 - 0.01)
-    tl = target.long()
-    tr = tl + 1
-    wl = tr - target
-    wr = 1 - wl
-    per_side = (
-        F.cross_entropy(pred_dist, tl.view(-1), reduction="none").view(tl.shape) * wl
-        + F.cross_entropy(pred_dist, tr.view(-1), reduction="none").view(tl.shape) * wr
-    )
-    return (per_side.mean(-1, keepdim=True) * weight).sum() / weight.sum().clamp(min=1)
-
-
 def make_loss_fn(
     provider: str,
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     if provider == "ultralytics":
-        return ultralytics_dfl
+        return common.ultralytics_style_dfl
     backend = {"stable_dfl": "cpu", "reference": "reference", "compiled_reference": "reference"}[
         provider
     ]
@@ -102,16 +83,7 @@ def make_step(provider: str, mode: str, pred, target, weight) -> Callable[[], ob
     if provider == "copy_prealloc":
         out = torch.empty_like(pred)
         return lambda: out.copy_(pred)
-    loss_fn = make_loss_fn(provider)
-    if mode == "forward":
-        return lambda: loss_fn(pred, target, weight)
-    leaf = pred.clone().requires_grad_()
-
-    def forward_backward():
-        loss_fn(leaf, target, weight).backward()
-        leaf.grad = None
-
-    return forward_backward
+    return common.loss_step(make_loss_fn(provider), mode, pred, target, weight)
 
 
 def time_ms(
@@ -155,31 +127,8 @@ def peak_extra_memory_mb(provider: str, n_rows: int, dtype_name: str) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=RESULTS.parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
-
-
 def run(sizes, repeats: int, budget_s: float) -> list[dict]:
-    meta = {"device": machine(), "torch": torch.__version__, "commit": git_commit()}
+    meta = common.run_metadata(common.cpu_description())
     rows = []
     for dtype_name, dtype in DTYPES.items():
         for n_rows in sizes:
@@ -189,46 +138,38 @@ def run(sizes, repeats: int, budget_s: float) -> list[dict]:
                     if mode == "forward" and provider in ("memory_floor", "copy_prealloc"):
                         continue
                     step = make_step(provider, mode, pred, target, weight)
-                    y50, y20, y80 = time_ms(step, repeats, budget_s)
+                    ys = time_ms(step, repeats, budget_s)
                     rows.append(
-                        {
-                            "kernel": "dfl",
-                            "provider": provider,
-                            "mode": mode,
-                            "metric": "time_ms",
-                            "dtype": dtype_name,
-                            "x": n_rows,
-                            "y50": round(y50, 4),
-                            "y20": round(y20, 4),
-                            "y80": round(y80, 4),
-                            **meta,
-                        }
+                        common.result_row(
+                            "dfl", provider, mode, "time_ms", dtype_name, n_rows, *ys, meta
+                        )
                     )
                     print(
-                        f"{dtype_name} N={n_rows:>9} {mode:<16} {provider:<18} {y50:9.2f} ms",
+                        f"{dtype_name} N={n_rows:>9} {mode:<16} {provider:<18} {ys[0]:9.2f} ms",
                         flush=True,
                     )
     return rows
 
 
 def memory_rows(n_rows: int) -> list[dict]:
-    meta = {"device": machine(), "torch": torch.__version__, "commit": git_commit()}
+    meta = common.run_metadata(common.cpu_description())
     rows = []
     for provider in ("stable_dfl", "reference", "ultralytics", "memory_floor"):
         mb = peak_extra_memory_mb(provider, n_rows, "fp32")
         rows.append(
-            {
-                "kernel": "dfl",
-                "provider": provider,
-                "mode": "forward_backward",
-                "metric": "peak_extra_mb",
-                "dtype": "fp32",
-                "x": n_rows,
-                "y50": round(mb, 1),
-                "y20": round(mb, 1),
-                "y80": round(mb, 1),
-                **meta,
-            }
+            common.result_row(
+                "dfl",
+                provider,
+                "forward_backward",
+                "peak_extra_mb",
+                "fp32",
+                n_rows,
+                mb,
+                mb,
+                mb,
+                meta,
+                digits=1,
+            )
         )
         print(f"fp32 N={n_rows} peak extra memory {provider:<14} {mb:8.1f} MB", flush=True)
     return rows
@@ -266,19 +207,9 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(DTYPES), figsize=(12, 4.5), sharey=True)
     for ax, dtype in zip(axes, DTYPES, strict=True):
-        for provider in PROVIDERS:
-            pts = sorted(
-                (r["x"], r["y50"], r["y20"], r["y80"])
-                for r in rows
-                if r["metric"] == "time_ms"
-                and r["dtype"] == dtype
-                and r["provider"] == provider
-                and r["mode"] == "forward_backward"
-            )
-            if pts:
-                xs, ys, lo, hi = zip(*pts, strict=True)
-                ax.plot(xs, ys, marker="o", label=provider)
-                ax.fill_between(xs, lo, hi, alpha=0.2)
+        common.plot_quantile_lines(
+            ax, rows, PROVIDERS, lambda _: "forward_backward", metric="time_ms", dtype=dtype
+        )
         ax.set(
             xscale="log",
             yscale="log",
@@ -305,20 +236,8 @@ def main() -> None:
     rows = run(sizes, repeats=3 if args.quick else 7, budget_s=0.5 if args.quick else 3.0)
     if not args.quick:
         rows += memory_rows(537_600)
-    RESULTS.mkdir(exist_ok=True)
-    suffix = "_quick" if args.quick else ""
-    csv_path = RESULTS / f"dfl_cpu{suffix}.csv"
-    new_file = not csv_path.exists()
-    with open(csv_path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new_file:
-            writer.writeheader()
-        writer.writerows(rows)
-    (RESULTS / f"dfl_cpu{suffix}.json").write_text(json.dumps(rows, indent=1))
-    plot(rows, RESULTS / f"dfl_cpu{suffix}.png")
-    table = summary(rows)
-    (RESULTS / f"dfl_cpu{suffix}.md").write_text(table + "\n")
-    print(table)
+    stem = "dfl_cpu_quick" if args.quick else "dfl_cpu"
+    print(common.write_results(rows, stem, plot, summary))
 
 
 if __name__ == "__main__":

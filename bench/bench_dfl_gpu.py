@@ -31,21 +31,17 @@ into a temporary directory: a check that the script works, not a measurement.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import common
 import torch
-import torch.nn.functional as F
+from common import N_BINS
 
-RESULTS = Path(__file__).resolve().parent / "results"
-N_BINS = 16
 SIZES = (6_400, 64_000, 640_000, 2_000_000, 8_000_000)
 QUICK_SIZES = (64_000, 2_000_000)
 DRY_RUN_SIZES = (256, 1_024)
@@ -61,21 +57,6 @@ BACKEND_OF = {
 }
 
 Step = Callable[[], object]
-
-
-def ultralytics_dfl(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """ultralytics.utils.loss.DFLoss as its bbox loss calls it (fp32 math, as under its AMP)."""
-    pred_dist = pred.view(-1, N_BINS).float()
-    target = target.clamp(0, N_BINS - 1 - 0.01)
-    tl = target.long()
-    tr = tl + 1
-    wl = tr - target
-    wr = 1 - wl
-    per_side = (
-        F.cross_entropy(pred_dist, tl.view(-1), reduction="none").view(tl.shape) * wl
-        + F.cross_entropy(pred_dist, tr.view(-1), reduction="none").view(tl.shape) * wr
-    )
-    return (per_side.mean(-1, keepdim=True) * weight).sum() / weight.sum().clamp(min=1)
 
 
 def make_loss_fns() -> dict[
@@ -96,7 +77,7 @@ def make_loss_fns() -> dict[
 
     fns = {provider: with_backend(backend) for provider, backend in BACKEND_OF.items()}
     fns["compiled_reference"] = torch.compile(fns["compiled_reference"], dynamic=True)
-    fns["ultralytics"] = ultralytics_dfl
+    fns["ultralytics"] = common.ultralytics_style_dfl
     return fns
 
 
@@ -122,15 +103,7 @@ def make_step(provider: str, mode: str, loss_fn, pred, target, weight) -> Step:
     if provider == "copy":
         out = torch.empty_like(pred)
         return lambda: out.copy_(pred)
-    if mode == "forward":
-        return lambda: loss_fn(pred, target, weight)
-    leaf = pred.clone().requires_grad_()
-
-    def forward_backward():
-        loss_fn(leaf, target, weight).backward()
-        leaf.grad = None
-
-    return forward_backward
+    return common.loss_step(loss_fn, mode, pred, target, weight)
 
 
 def bytes_moved(provider: str, mode: str, pred: torch.Tensor, target: torch.Tensor) -> int:
@@ -187,19 +160,6 @@ def check_loss(provider: str, loss_fn, reference_fn, pred, target, weight) -> No
         )
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=RESULTS.parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -207,7 +167,7 @@ def device_name(device: torch.device) -> str:
 
 
 def run(device: torch.device, sizes, dtypes, min_repeats: int, budget_s: float) -> list[dict]:
-    meta = {"device": device_name(device), "torch": torch.__version__, "commit": git_commit()}
+    meta = common.run_metadata(device_name(device))
     fns = make_loss_fns()
     providers = []
     for provider in PROVIDERS:
@@ -220,18 +180,9 @@ def run(device: torch.device, sizes, dtypes, min_repeats: int, budget_s: float) 
 
     def record(provider, mode, metric, dtype_name, n_rows, y50, y20, y80):
         rows.append(
-            {
-                "kernel": "dfl",
-                "provider": provider,
-                "mode": mode,
-                "metric": metric,
-                "dtype": dtype_name,
-                "x": n_rows,
-                "y50": round(y50, 4),
-                "y20": round(y20, 4),
-                "y80": round(y80, 4),
-                **meta,
-            }
+            common.result_row(
+                "dfl", provider, mode, metric, dtype_name, n_rows, y50, y20, y80, meta
+            )
         )
 
     for dtype_name in dtypes:
@@ -290,6 +241,11 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def table_header(rows: list[dict]) -> str:
+    """What the markdown table starts with: the card and the torch version."""
+    return f"{rows[0]['device']}, torch {rows[0]['torch']}\n\n"
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -306,20 +262,14 @@ def plot(rows: list[dict], path: Path) -> None:
             ]
         ):
             ax = axes[row][col]
-            for provider in PROVIDERS:
-                wanted_mode = "forward" if provider == "copy" else mode
-                pts = sorted(
-                    (r["x"], r["y50"], r["y20"], r["y80"])
-                    for r in rows
-                    if r["metric"] == metric
-                    and r["dtype"] == dtype
-                    and r["provider"] == provider
-                    and r["mode"] == wanted_mode
-                )
-                if pts:
-                    xs, ys, lo, hi = zip(*pts, strict=True)
-                    ax.plot(xs, ys, marker="o", label=provider)
-                    ax.fill_between(xs, lo, hi, alpha=0.2)
+            common.plot_quantile_lines(
+                ax,
+                rows,
+                PROVIDERS,
+                lambda provider, mode=mode: "forward" if provider == "copy" else mode,
+                metric=metric,
+                dtype=dtype,
+            )
             ax.set(xscale="log", yscale="log", xlabel="rows N (= 4 x anchors)", ylabel=label)
             ax.set_title(f"DFL fwd+bwd, {dtype}")
             ax.grid(True, which="both", alpha=0.3)
@@ -330,24 +280,6 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def write_results(rows: list[dict], out_dir: Path, stem: str) -> str:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = out_dir / f"{stem}.csv"
-    new_file = not csv_path.exists()
-    with open(csv_path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new_file:
-            writer.writeheader()
-        writer.writerows(rows)
-    (out_dir / f"{stem}.json").write_text(json.dumps(rows, indent=1))
-    plot(rows, out_dir / f"{stem}.png")
-    table = summary(rows)
-    (out_dir / f"{stem}.md").write_text(
-        f"{rows[0]['device']}, torch {rows[0]['torch']}\n\n{table}\n"
-    )
-    return table
 
 
 def main() -> None:
@@ -365,7 +297,7 @@ def main() -> None:
         device = torch.device("cpu")
         rows = run(device, DRY_RUN_SIZES, ("fp32", "bf16"), min_repeats=2, budget_s=0.0)
         out_dir = Path(tempfile.mkdtemp(prefix="dfl_gpu_dry_run_"))
-        print(write_results(rows, out_dir, "dfl_gpu"))
+        print(common.write_results(rows, "dfl_gpu", plot, summary, table_header(rows), out_dir))
         print(f"dry run: wrote {sorted(p.name for p in out_dir.iterdir())} to {out_dir}")
         return
     if not torch.cuda.is_available():
@@ -373,7 +305,8 @@ def main() -> None:
     device = torch.device("cuda")
     sizes = QUICK_SIZES if args.quick else SIZES
     rows = run(device, sizes, tuple(DTYPES), min_repeats=5 if args.quick else 10, budget_s=0.3)
-    print(write_results(rows, RESULTS, "dfl_gpu_quick" if args.quick else "dfl_gpu"))
+    stem = "dfl_gpu_quick" if args.quick else "dfl_gpu"
+    print(common.write_results(rows, stem, plot, summary, table_header(rows)))
 
 
 if __name__ == "__main__":

@@ -34,17 +34,17 @@ stalls every recipe's parallel regions.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+from common import cpu_model, git_commit, write_csv
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -102,26 +102,13 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def machine_info(device: torch.device) -> dict[str, object]:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
     info = {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "git_commit": commit,
+        "git_commit": git_commit(short=False),
         "device": str(device),
         "grad_norm_backend": resolve_grad_norm_backend("auto", device),
     }
@@ -300,10 +287,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"guard_{device.type}_{info['torch_threads']}threads")
-    with open(stem + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, Path(stem + ".csv"), append=False)
     with open(stem + ".json", "w") as f:
         json.dump({"machine": info, "scenarios": SCENARIOS, "results": rows}, f, indent=2)
     plot(

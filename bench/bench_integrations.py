@@ -24,9 +24,7 @@ Usage: ``python bench/bench_integrations.py [--quick] [--threads N]`` with stabl
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib
-import json
 import os
 import statistics
 import time
@@ -34,14 +32,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from bench_dfl import DTYPES, N_BINS, RESULTS, git_commit, machine
+from common import N_BINS, cpu_description, loss_step, result_row, run_metadata, write_results
 
 from stable_dfl.integrations import ultralytics as stable_ultralytics
 
 SIZES = (64_000, 537_600)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROVIDERS = ("ultralytics", "stable_dfl")
 MODES = ("forward", "forward_backward")
 STEM = "integrations_cpu"
+KERNEL = "dfl_ultralytics_dropin"
 
 
 def ultralytics_loss_module():
@@ -69,15 +69,7 @@ def make_step(dfl: torch.nn.Module, mode: str, pred_dist, target, weight) -> Cal
     def bbox_dfl(logits):
         return (dfl(logits, target) * weight).sum() / weight_sum
 
-    if mode == "forward":
-        return lambda: bbox_dfl(pred_dist)
-    leaf = pred_dist.clone().requires_grad_()
-
-    def forward_backward():
-        bbox_dfl(leaf).backward()
-        leaf.grad = None
-
-    return forward_backward
+    return loss_step(bbox_dfl, mode, pred_dist)
 
 
 def time_interleaved(
@@ -111,12 +103,7 @@ def run(sizes, repeats: int, budget_s: float) -> list[dict]:
     if loss_module is not None:
         losses["ultralytics"] = loss_module.DFLoss(N_BINS)
         ultralytics_version = importlib.import_module("ultralytics").__version__
-    meta = {
-        "device": machine(),
-        "torch": torch.__version__,
-        "ultralytics": ultralytics_version,
-        "commit": git_commit(),
-    }
+    meta = run_metadata(cpu_description(), ultralytics=ultralytics_version)
     rows = []
     for dtype_name, dtype in DTYPES.items():
         for n_rows in sizes:
@@ -129,18 +116,18 @@ def run(sizes, repeats: int, budget_s: float) -> list[dict]:
                 }
                 for provider, (y50, y20, y80) in time_interleaved(steps, repeats, budget_s).items():
                     rows.append(
-                        {
-                            "kernel": "dfl_ultralytics_dropin",
-                            "provider": provider,
-                            "mode": mode,
-                            "metric": "time_ms",
-                            "dtype": dtype_name,
-                            "x": n_rows,
-                            "y50": round(y50, 4),
-                            "y20": round(y20, 4),
-                            "y80": round(y80, 4),
-                            **meta,
-                        }
+                        result_row(
+                            KERNEL,
+                            provider,
+                            mode,
+                            "time_ms",
+                            dtype_name,
+                            n_rows,
+                            y50,
+                            y20,
+                            y80,
+                            meta,
+                        )
                     )
                     print(
                         f"{dtype_name} N={n_rows:>9} {mode:<16} {provider:<12} {y50:9.2f} ms",
@@ -223,20 +210,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     sizes = SIZES[:1] if args.quick else SIZES
     rows = run(sizes, repeats=3 if args.quick else 9, budget_s=0.5 if args.quick else 3.0)
-    RESULTS.mkdir(exist_ok=True)
     stem = STEM + ("_quick" if args.quick else "")
-    csv_path = RESULTS / f"{stem}.csv"
-    new_file = not csv_path.exists()
-    with open(csv_path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new_file:
-            writer.writeheader()
-        writer.writerows(rows)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=1))
-    plot(rows, RESULTS / f"{stem}.png")
-    table = summary(rows)
-    (RESULTS / f"{stem}.md").write_text(table + "\n")
-    print(table)
+    print(write_results(rows, stem, plot, summary))
 
 
 if __name__ == "__main__":

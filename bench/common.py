@@ -1,0 +1,182 @@
+"""Helpers shared by the benchmark scripts in ``bench/``.
+
+- :func:`ultralytics_style_dfl`: ultralytics' DFL as its bbox loss calls it, the eager baseline;
+- :func:`loss_step`: a forward or forward+backward call of a loss, to time;
+- :func:`git_commit`, :func:`cpu_model`, :func:`cpu_description`, :func:`run_metadata`: what
+  identifies a run (commit, machine, torch version);
+- :func:`result_row`: one row of results (kernel, provider, mode, metric, dtype, x and the
+  median and 20%/80% quantiles of y, then the run's metadata), the CSV schema of
+  ``bench_dfl.py``, ``bench_dfl_gpu.py`` and ``bench_integrations.py``;
+- :func:`write_csv`, :func:`write_results`: a run's rows to ``<stem>.csv`` (appended),
+  ``.json``, ``.png`` and ``.md``;
+- :func:`plot_quantile_lines`: median lines with a 20-80% band, one per provider.
+
+Scripts run as ``python bench/<script>.py`` have ``bench/`` on ``sys.path`` and import this as
+``common``. It imports torch but not stable_dfl, so that a script may set environment variables
+(``TRITON_INTERPRET``) before stable_dfl is imported.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import subprocess
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results"
+N_BINS = 16
+
+
+def ultralytics_style_dfl(
+    pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    """ultralytics.utils.loss.DFLoss as its bbox loss calls it (fp32 math, as under its AMP)."""
+    pred_dist = pred.view(-1, N_BINS).float()
+    target = target.clamp(0, N_BINS - 1 - 0.01)
+    tl = target.long()
+    tr = tl + 1
+    wl = tr - target
+    wr = 1 - wl
+    per_side = (
+        F.cross_entropy(pred_dist, tl.view(-1), reduction="none").view(tl.shape) * wl
+        + F.cross_entropy(pred_dist, tr.view(-1), reduction="none").view(tl.shape) * wr
+    )
+    return (per_side.mean(-1, keepdim=True) * weight).sum() / weight.sum().clamp(min=1)
+
+
+def loss_step(
+    loss_fn: Callable[..., torch.Tensor], mode: str, pred: torch.Tensor, *args
+) -> Callable[[], object]:
+    """One timed call of ``loss_fn(pred, *args)``: ``mode`` ``"forward"``, or
+    ``"forward_backward"`` through a leaf copy of ``pred`` whose gradient is dropped after."""
+    if mode == "forward":
+        return lambda: loss_fn(pred, *args)
+    leaf = pred.clone().requires_grad_()
+
+    def forward_backward():
+        loss_fn(leaf, *args).backward()
+        leaf.grad = None
+
+    return forward_backward
+
+
+def git_commit(short: bool = True) -> str:
+    """The checkout's HEAD commit (abbreviated unless ``short=False``), or ``"unknown"``."""
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", *(["--short"] if short else []), "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=BENCH,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo``, else what :mod:`platform` says."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return cpu
+
+
+def cpu_description() -> str:
+    """The CPU and the number of threads torch uses, e.g. ``"<model>, 2 threads"``."""
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
+
+
+def run_metadata(device_description: str, **extra: str) -> dict[str, str]:
+    """The columns every row of a run ends with: device, torch version, ``extra``, commit."""
+    return {
+        "device": device_description,
+        "torch": torch.__version__,
+        **extra,
+        "commit": git_commit(),
+    }
+
+
+def result_row(
+    kernel: str,
+    provider: str,
+    mode: str,
+    metric: str,
+    dtype: str,
+    x: int,
+    y50: float,
+    y20: float,
+    y80: float,
+    meta: dict[str, str],
+    digits: int = 4,
+) -> dict:
+    """One result: the median ``y50`` and 20%/80% quantiles rounded to ``digits``, then ``meta``."""
+    return {
+        "kernel": kernel,
+        "provider": provider,
+        "mode": mode,
+        "metric": metric,
+        "dtype": dtype,
+        "x": x,
+        "y50": round(y50, digits),
+        "y20": round(y20, digits),
+        "y80": round(y80, digits),
+        **meta,
+    }
+
+
+def write_csv(rows: list[dict], path: Path, append: bool = True) -> None:
+    """``rows`` to a CSV file with their keys as columns; the header only when it starts a file."""
+    new_file = not append or not path.exists()
+    with open(path, "a" if append else "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new_file:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_results(
+    rows: list[dict],
+    stem: str,
+    plot_fn: Callable[[list[dict], Path], None],
+    summary_fn: Callable[[list[dict]], str],
+    header: str = "",
+    out_dir: Path = RESULTS,
+) -> str:
+    """Appends ``rows`` to ``<out_dir>/<stem>.csv``, writes them to ``.json``, a plot to
+    ``.png`` and ``header`` followed by the summary table to ``.md``; returns the table."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out_dir / f"{stem}.csv")
+    (out_dir / f"{stem}.json").write_text(json.dumps(rows, indent=1))
+    plot_fn(rows, out_dir / f"{stem}.png")
+    table = summary_fn(rows)
+    (out_dir / f"{stem}.md").write_text(f"{header}{table}\n")
+    return table
+
+
+def plot_quantile_lines(
+    ax, rows: list[dict], providers: Iterable[str], mode_of: Callable[[str], str], **where
+) -> None:
+    """On ``ax``, per provider, the median ``y50`` against ``x`` with a 20-80% band, over the
+    rows in mode ``mode_of(provider)`` whose other fields equal ``where``."""
+    for provider in providers:
+        pts = sorted(
+            (r["x"], r["y50"], r["y20"], r["y80"])
+            for r in rows
+            if r["provider"] == provider
+            and r["mode"] == mode_of(provider)
+            and all(r[key] == value for key, value in where.items())
+        )
+        if pts:
+            xs, ys, lo, hi = zip(*pts, strict=True)
+            ax.plot(xs, ys, marker="o", label=provider)
+            ax.fill_between(xs, lo, hi, alpha=0.2)
