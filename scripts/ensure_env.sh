@@ -29,9 +29,14 @@ export MAX_JOBS="${MAX_JOBS:-2}"
 (cd "$ROOT" && "${PIP[@]}" install --no-build-isolation -e ".$EXTRAS")
 
 if [[ " $* " == *" test "* ]]; then
-  # ultralytics for the drop-in parity tests, without its declared dependencies (torchvision,
-  # matplotlib, scipy, polars, ...): its loss and model code import only these, and
-  # torchvision could pull another torch. Not a pyproject extra, since extras bring all deps.
+  # ultralytics for the drop-in parity tests, without its declared dependencies (matplotlib,
+  # scipy, polars, ...): its loss and model code import only these. It reads torchvision's
+  # version at import, so torchvision comes too, --no-deps so that it cannot replace torch
+  # (0.29.x matches torch 2.14). Not a pyproject extra, since extras bring all deps.
   "${PIP[@]}" install opencv-python-headless pillow pyyaml
+  TORCH_MINOR="$("$VENV/bin/python" -c "import torch; print('.'.join(torch.__version__.split('.')[:2]))")"
+  if [ "$TORCH_MINOR" = "2.14" ]; then
+    "${PIP[@]}" install --no-deps "torchvision==0.29.1"
+  fi
   "${PIP[@]}" install --no-deps "ultralytics==8.4.190"
 fi
