@@ -26,7 +26,7 @@ class TrainConfig:
     iou_weight: float = _option(2.5, "weight of the CIoU box loss")
     epochs: int = _option(10, "training epochs")
     batch_size: int = _option(8, "images per batch and process")
-    warmup_steps: int = _option(30, "linear LR warmup, in optimizer steps")
+    warmup_steps: int = _option(100, "linear LR warmup, in optimizer steps")
     min_lr_ratio: float = _option(0.1, "final LR of the cosine decay, as a fraction of --lr")
     ema_decay: float = _option(0.9999, "EMA decay of the validation weights")
     amp: str = _option(
