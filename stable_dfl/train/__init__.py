@@ -1,0 +1,23 @@
+"""Training: the AMP trainer, its guarded optimizer step, checkpoints and evaluation."""
+
+from .checkpoint import NonFiniteCheckpointError, load_checkpoint, save_checkpoint
+from .config import TrainConfig, parse_config
+from .distributed import DistContext, init_distributed
+from .evaluate import evaluate, mean_average_precision
+from .step import GuardedStep, StepResult
+from .trainer import Trainer
+
+__all__ = [
+    "DistContext",
+    "GuardedStep",
+    "NonFiniteCheckpointError",
+    "StepResult",
+    "TrainConfig",
+    "Trainer",
+    "evaluate",
+    "init_distributed",
+    "load_checkpoint",
+    "mean_average_precision",
+    "parse_config",
+    "save_checkpoint",
+]

@@ -1,0 +1,99 @@
+"""Training configuration: one dataclass, from which the command line is generated."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _option(default: Any, help: str, **argparse_kwargs: Any) -> Any:
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass
+class TrainConfig:
+    """Defaults are the stage-2 recipe (GRADIENT_FIX_QUICKSTART.md) on the built-in data,
+    sized to finish in a few minutes on a 2-core CPU."""
+
+    # Optimisation (stage-2 values).
+    lr: float = _option(3e-5, "peak AdamW learning rate")
+    weight_decay: float = _option(0.005, "AdamW weight decay (conv/linear weights only)")
+    dfl_weight: float = _option(0.5, "weight of the DFL loss in the total")
+    gradient_clip_norm: float = _option(0.5, "clip the total gradient norm to this")
+    cls_weight: float = _option(1.0, "weight of the classification loss")
+    iou_weight: float = _option(2.5, "weight of the CIoU box loss")
+    epochs: int = _option(10, "training epochs")
+    batch_size: int = _option(8, "images per batch and process")
+    warmup_steps: int = _option(100, "linear LR warmup, in optimizer steps")
+    min_lr_ratio: float = _option(0.1, "final LR of the cosine decay, as a fraction of --lr")
+    ema_decay: float = _option(0.9999, "EMA decay of the validation weights")
+    amp: str = _option(
+        "auto",
+        "mixed precision: auto (fp16 on CUDA, bf16 on CPU), off, bf16 or fp16",
+        choices=("auto", "off", "bf16", "fp16"),
+    )
+    seed: int = _option(0, "seed of weights, data and sampling")
+    # Data.
+    data: str | None = _option(
+        None, "YOLO-format dataset root (default: the built-in synthetic shapes)"
+    )
+    names: str | None = _option(
+        None, "comma-separated class names for --data (else classes.txt/data.yaml)"
+    )
+    train_split: str = _option("train", "split folder of --data used for training")
+    val_split: str = _option("val", "split folder of --data used for validation")
+    train_images: int = _option(2048, "synthetic training images")
+    val_images: int = _option(128, "synthetic validation images")
+    image_size: int = _option(64, "square input size in pixels (a multiple of 32)")
+    workers: int = _option(0, "DataLoader worker processes")
+    # Model.
+    n_bins: int = _option(16, "DFL bins per box side")
+    width: int = _option(16, "backbone base width (channels of the first stage)")
+    fpn_channels: int = _option(128, "FPN and head channels")
+    embed_dim: int = _option(32, "prototype head embedding size")
+    # Run.
+    device: str = _option("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
+    save_dir: str = _option("checkpoints/stage2", "folder of checkpoints and logs")
+    log_interval: int = _option(10, "batches between 'Batch N:' log lines")
+    debug_interval: int = _option(50, "batches between 'Loss components' / 'Gradient Norms' blocks")
+    save_period: int = _option(0, "also keep epoch<N>.pt every this many epochs (0: never)")
+    resume: str | None = _option(
+        None,
+        "continue a run from a checkpoint (default with no path: <save_dir>/last.pt)",
+        nargs="?",
+        const="",
+    )
+    init_from: str | None = _option(
+        None, "start from a stage-1 checkpoint's weights (fresh optimizer)"
+    )
+    tensorboard: bool = _option(False, "also log to TensorBoard (<save_dir>/tensorboard)")
+    wandb: bool = _option(False, "also log to Weights & Biases (offline without WANDB_API_KEY)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def build_parser(prog: str = "python -m stable_dfl train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Train the dual-head detector (AMP, gradient guard, EMA, checkpoints, DDP under torchrun).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for option in dataclasses.fields(TrainConfig):
+        kwargs = dict(option.metadata)
+        if option.type in ("bool", bool):
+            parser.add_argument(f"--{option.name}", action="store_true", **kwargs)
+            continue
+        value_type = {"float": float, "int": int}.get(str(option.type), str)
+        parser.add_argument(f"--{option.name}", type=value_type, default=option.default, **kwargs)
+    return parser
+
+
+def parse_config(argv: list[str]) -> TrainConfig:
+    args = build_parser().parse_args(argv)
+    config = TrainConfig(**vars(args))
+    if config.image_size % 32:
+        build_parser().error(f"--image_size must be a multiple of 32, got {config.image_size}")
+    return config
