@@ -6,10 +6,11 @@ import socket
 
 import torch
 import torch.multiprocessing as mp
-from train_helpers import tiny_config
 
 from stable_dfl.train import Trainer, init_distributed
 from stable_dfl.train.distributed import shutdown_distributed
+
+from .train_helpers import tiny_config
 
 WORLD_SIZE = 2
 NAN_STEP = 2

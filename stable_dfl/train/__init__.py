@@ -1,17 +1,14 @@
-"""Training: the AMP trainer, its guarded optimizer step, checkpoints and evaluation."""
+"""Training: the AMP trainer, checkpoints and evaluation."""
 
 from .checkpoint import NonFiniteCheckpointError, load_checkpoint, save_checkpoint
 from .config import TrainConfig, parse_config
 from .distributed import DistContext, init_distributed
 from .evaluate import evaluate, mean_average_precision
-from .step import GuardedStep, StepResult
 from .trainer import Trainer
 
 __all__ = [
     "DistContext",
-    "GuardedStep",
     "NonFiniteCheckpointError",
-    "StepResult",
     "TrainConfig",
     "Trainer",
     "evaluate",

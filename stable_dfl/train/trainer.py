@@ -1,8 +1,9 @@
 """The training loop of the dual-head detector.
 
 One optimizer step per batch: forward under autocast (fp16 + GradScaler on CUDA, bf16
-on CPU, or off), loss in fp32, backward, then :class:`GuardedStep` (unscale, NaN/Inf
-check naming the parameters, clip, step or skip). The EMA weights, used for
+on CPU, or off), loss in fp32, backward, then :class:`~stable_dfl.guard.GradGuard` (one
+fused pass that unscales, measures the norm and finds NaN/Inf gradients by parameter name,
+then clip, step or skip; the scaler backs off on a skip). The EMA weights, used for
 validation and ``best.pt``, only follow steps that were taken. Under ``torchrun`` each
 rank trains on its shard of every epoch (DistributedSampler); gradients are averaged
 by DDP before the check, so every rank sees the same gradients and skips the same
@@ -23,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..data import PadToFixedBoxes, SyntheticShapes, YoloDataset
+from ..guard import GradGuard, GradGuardResult
 from ..models import HEAD_NAMES, DetectionLoss, DetectionTargets, DualHeadDetector
 from .checkpoint import load_checkpoint, model_state, save_checkpoint
 from .config import TrainConfig
@@ -31,7 +33,6 @@ from .ema import ModelEMA
 from .evaluate import evaluate
 from .reporting import Reporter, attach_external_loggers
 from .schedule import WarmupCosine
-from .step import GuardedStep, StepResult
 
 CHECKPOINT_VERSION = 1
 #: Offending parameter names listed one per line before the rest are counted.
@@ -145,7 +146,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.amp_dtype == torch.float16
         )
-        self.guard = GuardedStep(self.model, config.gradient_clip_norm)
+        self.guard = GradGuard(self.model, max_norm=config.gradient_clip_norm)
 
         self.epoch = 0  # epochs completed
         self.step = 0  # batches seen (optimizer steps taken or skipped)
@@ -221,7 +222,9 @@ class Trainer:
             )
         return {name: total / batches for name, total in sums.items()}
 
-    def _train_step(self, batch) -> tuple[dict[str, float], StepResult, dict[str, float] | None]:
+    def _train_step(
+        self, batch
+    ) -> tuple[dict[str, float], GradGuardResult, dict[str, float] | None]:
         images = batch.images.to(self.device, non_blocking=True)
         targets = DetectionTargets(
             batch.labels.to(self.device), batch.boxes.to(self.device), batch.valid.to(self.device)
@@ -269,7 +272,7 @@ class Trainer:
         index,
         batches,
         components,
-        result: StepResult,
+        result: GradGuardResult,
         module_norms,
         seconds,
         batch_size,
