@@ -17,3 +17,13 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_cpu_thread():
+    """One intra-op thread: on a small shared machine, OpenMP threads of tiny convolutions
+    spin against each other and a tiny training run takes seconds instead of a fraction."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,16 +1,23 @@
 """Training: the AMP trainer, checkpoints and evaluation."""
 
-from .checkpoint import NonFiniteCheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    NonFiniteCheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import TrainConfig, parse_config
 from .distributed import DistContext, init_distributed
 from .evaluate import evaluate, mean_average_precision
-from .trainer import Trainer
+from .trainer import Trainer, TrainingDivergedError
 
 __all__ = [
+    "CheckpointError",
     "DistContext",
     "NonFiniteCheckpointError",
     "TrainConfig",
     "Trainer",
+    "TrainingDivergedError",
     "evaluate",
     "init_distributed",
     "load_checkpoint",

@@ -7,6 +7,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+FLOAT32_MAX = 3.4028234663852886e38
+
 
 def _option(default: Any, help: str, **argparse_kwargs: Any) -> Any:
     return field(default=default, metadata={"help": help, **argparse_kwargs})
@@ -59,6 +61,11 @@ class TrainConfig:
     log_interval: int = _option(10, "batches between 'Batch N:' log lines")
     debug_interval: int = _option(50, "batches between 'Loss components' / 'Gradient Norms' blocks")
     save_period: int = _option(0, "also keep epoch<N>.pt every this many epochs (0: never)")
+    max_consecutive_skips: int = _option(
+        20,
+        "stop with an error (exit code 3) once this many optimizer steps in a row were skipped "
+        "for NaN/Inf gradients; the last checkpoint is kept (0: never stop)",
+    )
     resume: str | None = _option(
         None,
         "continue a run from a checkpoint (default with no path: <save_dir>/last.pt)",
@@ -96,4 +103,9 @@ def parse_config(argv: list[str]) -> TrainConfig:
     config = TrainConfig(**vars(args))
     if config.image_size % 32:
         build_parser().error(f"--image_size must be a multiple of 32, got {config.image_size}")
+    # AdamW multiplies float32 weights by it: NaN, Inf or beyond float32 is never meant.
+    if not 0 < config.lr <= FLOAT32_MAX:
+        build_parser().error(
+            f"--lr must be positive and at most {FLOAT32_MAX:.3g}, got {config.lr}"
+        )
     return config

@@ -34,9 +34,14 @@ class Reporter:
         self._metrics: TextIO | None = None
         self._external: list[Any] = []
         if enabled:
-            save_dir.mkdir(parents=True, exist_ok=True)
-            self._log = open(save_dir / DEBUG_LOG_NAME, "a", buffering=1, encoding="utf-8")
-            self._metrics = open(save_dir / METRICS_NAME, "a", buffering=1, encoding="utf-8")
+            try:
+                save_dir.mkdir(parents=True, exist_ok=True)
+                self._log = open(save_dir / DEBUG_LOG_NAME, "a", buffering=1, encoding="utf-8")
+                self._metrics = open(save_dir / METRICS_NAME, "a", buffering=1, encoding="utf-8")
+            except OSError as error:
+                raise OSError(
+                    error.errno, f"cannot write to the run folder {save_dir}: {error}"
+                ) from error
 
     def info(self, message: str) -> None:
         """A line for the log file and the console."""
@@ -65,7 +70,7 @@ class Reporter:
         if not self.enabled:
             return
         record = {"time": round(time.time(), 3), **record}
-        self._metrics.write(json.dumps(record) + "\n")
+        _write(self._metrics, json.dumps(record) + "\n")
         numeric = {
             k: v
             for k, v in record.items()
@@ -86,12 +91,20 @@ class Reporter:
                 file.close()
 
     def _write_log(self, message: str) -> None:
-        self._log.write(message + "\n")
+        _write(self._log, message + "\n")
 
     def _clear_progress(self) -> None:
         if self._progress_shown:
             self.console.write("\r" + " " * (_terminal_width() - 1) + "\r")
             self._progress_shown = False
+
+
+def _write(file: TextIO, text: str) -> None:
+    """Writes ``text``; a failure (disk full, ...) is raised naming the file."""
+    try:
+        file.write(text)
+    except OSError as error:
+        raise OSError(error.errno, f"cannot write to {file.name}: {error}") from error
 
 
 def _terminal_width() -> int:

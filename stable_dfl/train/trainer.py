@@ -26,7 +26,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ..data import PadToFixedBoxes, SyntheticShapes, YoloDataset
 from ..guard import GradGuard, GradGuardResult
 from ..models import HEAD_NAMES, DetectionLoss, DetectionTargets, DualHeadDetector
-from .checkpoint import load_checkpoint, model_state, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    first_non_finite,
+    load_checkpoint,
+    model_state,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .distributed import DistContext, all_reduce_mean, broadcast_from_main
 from .ema import ModelEMA
@@ -37,6 +43,13 @@ from .schedule import WarmupCosine
 CHECKPOINT_VERSION = 1
 #: Offending parameter names listed one per line before the rest are counted.
 MAX_NAMED_OFFENDERS = 10
+#: What a resume needs from a checkpoint (a bare state_dict only serves --init_from).
+_RESUME_KEYS = ("model", "ema", "optimizer", "scaler", "scheduler", "epoch", "step", "rng")
+
+
+class TrainingDivergedError(RuntimeError):
+    """Training cannot usefully go on: every recent step was skipped, or the weights are
+    not finite. The last checkpoint written is left as it was."""
 
 
 def build_datasets(
@@ -146,11 +159,17 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.amp_dtype == torch.float16
         )
-        self.guard = GradGuard(self.model, max_norm=config.gradient_clip_norm)
+        # Every offender is reported: the log names the first ones and counts the rest.
+        self.guard = GradGuard(
+            self.model,
+            max_norm=config.gradient_clip_norm,
+            max_offenders=sum(1 for _ in self.model.parameters()),
+        )
 
         self.epoch = 0  # epochs completed
         self.step = 0  # batches seen (optimizer steps taken or skipped)
         self.skipped_steps = 0
+        self.consecutive_skips = 0
         self.best_fitness = -1.0
         if config.resume is not None:
             self._resume(Path(config.resume) if config.resume else self.save_dir / "last.pt")
@@ -220,6 +239,10 @@ class Trainer:
             self._report_step(
                 epoch, index, batches, components, result, module_norms, seconds, len(batch.images)
             )
+            self.consecutive_skips = self.consecutive_skips + 1 if result.skipped else 0
+            limit = self.config.max_consecutive_skips
+            if limit and self.consecutive_skips >= limit:
+                self._stop_diverged(result)
         return {name: total / batches for name, total in sums.items()}
 
     def _train_step(
@@ -234,6 +257,10 @@ class Trainer:
             if self.amp_dtype is not None
             else contextlib.nullcontext()
         )
+        # A skipped step must leave no trace: BatchNorm statistics are updated by the
+        # forward pass itself, and a batch that gives NaN/Inf would poison them for good.
+        buffers = list(self.model.buffers())
+        buffers_before = [b.clone() for b in buffers]
         with autocast:
             output = self.ddp_model(images)
         loss, components = self.criterion(output, targets)
@@ -243,7 +270,9 @@ class Trainer:
             self._module_grad_norms() if self.step % self.config.debug_interval == 0 else None
         )
         result = self.guard.step(self.optimizer, self.scaler)
-        if not result.skipped:
+        if result.skipped:
+            torch._foreach_copy_(buffers, buffers_before)
+        else:
             self.ema.update(self.model)
         self.scheduler.step()
 
@@ -254,6 +283,29 @@ class Trainer:
         if result.skipped:
             self.skipped_steps += 1
         return reduced, result, module_norms
+
+    def _stop_diverged(self, result: GradGuardResult) -> None:
+        last = self.save_dir / "last.pt"
+        checkpoint = (
+            f"{last} (epoch {self.epoch}) is left as it was"
+            if last.exists()
+            else "no checkpoint was written"
+        )
+        bad_weight = first_non_finite(self.model.state_dict())
+        weights = (
+            f"the weights themselves are not finite (first: {bad_weight}), so the learning rate "
+            "is likely far too high"
+            if bad_weight
+            else "the weights are still finite"
+        )
+        message = (
+            f"Stopping: the last {self.consecutive_skips} optimizer steps (up to batch "
+            f"{self.step}) were all skipped for NaN/Inf gradients (last in: "
+            f"{', '.join(result.offenders[:3]) or 'the total norm'}); {weights}. {checkpoint}. "
+            "Lower --lr or check the data; --max_consecutive_skips sets this limit (0: never stop)."
+        )
+        self.report.info(message)
+        raise TrainingDivergedError(message)
 
     def _module_grad_norms(self) -> dict[str, float]:
         """Gradient norm of each top-level part, unscaled (read before the guard unscales)."""
@@ -367,6 +419,7 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self.consecutive_skips,
             "best_fitness": self.best_fitness,
             "rng": rng,
             "class_names": list(self.class_names),
@@ -376,6 +429,16 @@ class Trainer:
     def _save(self, is_best: bool) -> None:
         if not self.context.is_main:
             return
+        for name, weights in (("model", self.model), ("EMA", self.ema.module)):
+            bad = first_non_finite(weights.state_dict())
+            if bad is not None:
+                message = (
+                    f"Stopping after epoch {self.epoch}: the {name} weights are not finite "
+                    f"(first: {bad}), so the run has diverged; checkpoints were not overwritten. "
+                    "Lower --lr or check the data."
+                )
+                self.report.info(message)
+                raise TrainingDivergedError(message)
         state = self.state_dict()
         save_checkpoint(state, self.save_dir / "last.pt")
         if is_best:
@@ -385,6 +448,13 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         state = load_checkpoint(path)
+        missing = [key for key in _RESUME_KEYS if key not in state]
+        if missing:
+            raise CheckpointError(
+                f"{path}: not a training checkpoint of this trainer (no {', '.join(missing)}); "
+                "to start from bare weights use --init_from"
+            )
+        self._check_shapes(path, state["model"])
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -395,11 +465,31 @@ class Trainer:
             int(state["skipped_steps"]),
             float(state["best_fitness"]),
         )
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.report.info(f"Resumed from {path}: epoch {self.epoch}, batch {self.step}")
+        # Records after this one replace any of a killed run with the same or later steps.
+        self.report.metrics({"kind": "resume", "epoch": self.epoch, "step": self.step})
+
+    def _check_shapes(self, path: Path, weights: dict[str, torch.Tensor]) -> None:
+        own = self.model.state_dict()
+        missing = sorted(own.keys() - weights.keys())
+        unexpected = sorted(weights.keys() - own.keys())
+        mismatched = [
+            f"{k}: {tuple(weights[k].shape)} in the checkpoint, {tuple(v.shape)} here"
+            for k, v in own.items()
+            if k in weights and weights[k].shape != v.shape
+        ]
+        if missing or unexpected or mismatched:
+            raise CheckpointError(
+                f"{path}: written for a different model (model options such as --width, "
+                f"--fpn_channels, --embed_dim, --n_bins or the classes differ?): "
+                f"{len(mismatched)} shapes differ {mismatched[:3]}, {len(missing)} tensors "
+                f"missing {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}"
+            )
 
     def _init_from(self, path: str) -> None:
         state = load_checkpoint(path)
@@ -409,7 +499,7 @@ class Trainer:
         own = self.model.state_dict()
         mismatched = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]
         if mismatched:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: shapes differ from this model for {mismatched[:5]} (model options differ?)"
             )
         missing, unexpected = self.model.load_state_dict(weights, strict=False)
