@@ -81,6 +81,8 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     if backend == "cuda":
         if device.type != "cuda":
             return f"backend 'cuda' runs on CUDA tensors, got tensors on {device}"
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is available to this process"
         if EXTENSION_ERROR is not None:
             return f"the compiled extension stable_dfl._C is not loaded ({EXTENSION_ERROR})"
         if not compiled_cuda_available():
@@ -98,6 +100,8 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
             )
         if device.type not in ("cpu", "cuda"):
             return f"Triton kernels need CUDA tensors, got tensors on {device}"
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return "no CUDA GPU is available to this process"
         return None
     raise ValueError(f"backend must be one of {(*BACKENDS, 'auto')}, got {backend!r}")
 
