@@ -31,6 +31,7 @@ from .config import TrainConfig
 from .distributed import DistContext, all_reduce_mean, broadcast_from_main
 from .ema import ModelEMA
 from .evaluate import evaluate
+from .plain_step import PlainClipStep
 from .reporting import Reporter, attach_external_loggers
 from .schedule import WarmupCosine
 
@@ -116,6 +117,7 @@ class Trainer:
             config.width,
             config.fpn_channels,
             config.embed_dim,
+            head_init=config.head_init,
         ).to(self.device)
         if config.init_from:
             self._init_from(config.init_from)
@@ -125,6 +127,8 @@ class Trainer:
             config.cls_weight,
             config.iou_weight,
             config.dfl_weight,
+            dfl_impl=config.dfl_impl,
+            naive_dfl_dtype=amp_dtype(config.amp, self.device),
         )
         self.ema = ModelEMA(self.model, config.ema_decay)
         self.ddp_model: nn.Module = (
@@ -146,7 +150,11 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.amp_dtype == torch.float16
         )
-        self.guard = GradGuard(self.model, max_norm=config.gradient_clip_norm)
+        self.guard = (
+            GradGuard(self.model, max_norm=config.gradient_clip_norm)
+            if config.nan_guard == "on"
+            else PlainClipStep(self.model, max_norm=config.gradient_clip_norm)
+        )
 
         self.epoch = 0  # epochs completed
         self.step = 0  # batches seen (optimizer steps taken or skipped)
@@ -320,6 +328,9 @@ class Trainer:
                 **components,
                 "grad_norm": result.total_norm,
                 "clip_coef": result.clip_coef,
+                "clip_norm": self.config.gradient_clip_norm,
+                "grad_finite": result.finite,
+                "nonfinite_params": result.offenders[:MAX_NAMED_OFFENDERS],
                 "loss_scale": self._loss_scale(),
                 "skipped": result.skipped,
                 "skipped_total": self.skipped_steps,
