@@ -1,4 +1,4 @@
-"""Command line: ``python -m stable_dfl {info,train} ...``."""
+"""Command line: ``python -m stable_dfl {info,doctor,report,train} ...``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,14 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, backends built and usable here, agreement check")
     commands.add_parser(
+        "doctor",
+        help="check the installed package: backends, clamps, head init, smoke training",
+        add_help=False,
+    )
+    commands.add_parser(
+        "report", help="judge a run's health from its metrics.jsonl, write plots", add_help=False
+    )
+    commands.add_parser(
         "train", help="train the dual-head detector (see `train --help`)", add_help=False
     )
     args, rest = parser.parse_known_args(argv)
@@ -19,6 +27,14 @@ def main(argv: list[str] | None = None) -> int:
         from .cli_info import run_info
 
         return run_info()
+    if args.command == "doctor":
+        from .doctor import main as doctor_main
+
+        return doctor_main(rest)
+    if args.command == "report":
+        from .report.cli import main as report_main
+
+        return report_main(rest)
     from .train.cli import main as train_main
 
     return train_main(rest)

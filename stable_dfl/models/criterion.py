@@ -32,6 +32,7 @@ from ..loss import StableDFLLoss
 from .assigner import TaskAlignedAssigner
 from .boxes import aligned_iou, boxes_to_distances, distances_to_boxes
 from .dual_head import DetectorOutput, expected_distances
+from .naive_dfl import NaiveDFLLoss
 
 LOSS_NAMES = ("cls_loss", "iou_loss", "dfl_loss")
 
@@ -64,7 +65,11 @@ class DetectionLoss(nn.Module):
         iou_weight: float = 2.5,
         dfl_weight: float = 0.5,
         assigner: TaskAlignedAssigner | None = None,
+        dfl_impl: str = "stable",
+        naive_dfl_dtype: torch.dtype | None = None,
     ) -> None:
+        """``dfl_impl='naive'`` swaps in :class:`NaiveDFLLoss` (computed in
+        ``naive_dfl_dtype``, e.g. the autocast dtype) for before/after experiments."""
         super().__init__()
         self.num_classes = num_classes
         self.n_bins = n_bins
@@ -72,7 +77,13 @@ class DetectionLoss(nn.Module):
         self.iou_weight = iou_weight
         self.dfl_weight = dfl_weight
         self.assigner = assigner or TaskAlignedAssigner()
-        self.dfl = StableDFLLoss(n_bins=n_bins, reduction="mean")
+        if dfl_impl not in ("stable", "naive"):
+            raise ValueError(f"dfl_impl must be 'stable' or 'naive', got {dfl_impl!r}")
+        self.dfl = (
+            StableDFLLoss(n_bins=n_bins, reduction="mean")
+            if dfl_impl == "stable"
+            else NaiveDFLLoss(n_bins, naive_dfl_dtype)
+        )
 
     def forward(
         self, output: DetectorOutput, targets: DetectionTargets

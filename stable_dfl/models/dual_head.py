@@ -9,7 +9,12 @@ from torch import nn
 
 from .backbone import LightFPN, TinyBackbone
 from .boxes import batched_nms, distances_to_boxes
-from .heads import HeadOutput, PrototypeDetectionHead, StandardDetectionHead
+from .heads import (
+    HeadOutput,
+    PrototypeDetectionHead,
+    StandardDetectionHead,
+    reset_to_pytorch_defaults,
+)
 
 STRIDES = (8, 16, 32)
 HEAD_NAMES = ("standard", "prototype")
@@ -55,8 +60,13 @@ class DualHeadDetector(nn.Module):
         fpn_channels: int = 64,
         embed_dim: int = 32,
         learn_temperature: bool = True,
+        head_init: str = "small",
     ) -> None:
+        """``head_init='default'`` leaves both heads at PyTorch's layer defaults instead of
+        their small ``_initialize_weights`` init (for before/after experiments)."""
         super().__init__()
+        if head_init not in ("small", "default"):
+            raise ValueError(f"head_init must be 'small' or 'default', got {head_init!r}")
         self.num_classes = num_classes
         self.n_bins = n_bins
         self.strides = STRIDES
@@ -66,6 +76,9 @@ class DualHeadDetector(nn.Module):
         self.prototype_head = PrototypeDetectionHead(
             fpn_channels, num_classes, n_bins, embed_dim, learn_temperature=learn_temperature
         )
+        if head_init == "default":
+            reset_to_pytorch_defaults(self.standard_head)
+            reset_to_pytorch_defaults(self.prototype_head)
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         return self.fpn(self.backbone(images))

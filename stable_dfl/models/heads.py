@@ -179,3 +179,16 @@ class PrototypeDetectionHead(nn.Module):
         self.prototypes[has_support] = F.normalize(sums[has_support], dim=-1).to(
             self.prototypes.dtype
         )
+
+
+def reset_to_pytorch_defaults(head: nn.Module) -> None:
+    """Undoes ``_initialize_weights`` for before/after experiments: every layer gets
+    PyTorch's own init (Kaiming-uniform convs with a uniform bias, unit BatchNorm), the
+    prototypes a unit normal (``nn.Embedding``'s default) and the class bias zero, as a
+    head without an init method would start."""
+    for module in head.modules():
+        if module is not head and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    if isinstance(head, PrototypeDetectionHead):
+        nn.init.normal_(head.prototypes)
+        nn.init.zeros_(head.cls_bias)

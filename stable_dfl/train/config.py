@@ -37,6 +37,25 @@ class TrainConfig:
         choices=("auto", "off", "bf16", "fp16"),
     )
     seed: int = _option(0, "seed of weights, data and sampling")
+    # Switches that turn one stage-2 fix off, for before/after experiments.
+    dfl_impl: str = _option(
+        "stable",
+        "DFL: stable (fused, probability floor, loss cap) or naive (plain log(softmax) in the "
+        "autocast dtype, no floor, no cap)",
+        choices=("stable", "naive"),
+    )
+    head_init: str = _option(
+        "small",
+        "head init: small (_initialize_weights) or default (PyTorch's layer defaults)",
+        choices=("small", "default"),
+    )
+    nan_guard: str = _option(
+        "on",
+        "on: GradGuard (fused NaN/Inf check; a bad step is skipped and its parameters named); "
+        "off: plain unscale_ + clip_grad_norm_ + scaler.step, which takes a NaN/Inf step "
+        "unless an fp16 GradScaler skips it",
+        choices=("on", "off"),
+    )
     # Data.
     data: str | None = _option(
         None, "YOLO-format dataset root (default: the built-in synthetic shapes)"

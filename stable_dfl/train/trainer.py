@@ -37,6 +37,7 @@ from .config import TrainConfig
 from .distributed import DistContext, all_reduce_mean, broadcast_from_main
 from .ema import ModelEMA
 from .evaluate import evaluate
+from .plain_step import PlainClipStep
 from .reporting import Reporter, attach_external_loggers
 from .schedule import WarmupCosine
 
@@ -129,6 +130,7 @@ class Trainer:
             config.width,
             config.fpn_channels,
             config.embed_dim,
+            head_init=config.head_init,
         ).to(self.device)
         if config.init_from:
             self._init_from(config.init_from)
@@ -138,6 +140,8 @@ class Trainer:
             config.cls_weight,
             config.iou_weight,
             config.dfl_weight,
+            dfl_impl=config.dfl_impl,
+            naive_dfl_dtype=amp_dtype(config.amp, self.device),
         )
         self.ema = ModelEMA(self.model, config.ema_decay)
         self.ddp_model: nn.Module = (
@@ -160,10 +164,14 @@ class Trainer:
             self.device.type, enabled=self.amp_dtype == torch.float16
         )
         # Every offender is reported: the log names the first ones and counts the rest.
-        self.guard = GradGuard(
-            self.model,
-            max_norm=config.gradient_clip_norm,
-            max_offenders=sum(1 for _ in self.model.parameters()),
+        self.guard = (
+            GradGuard(
+                self.model,
+                max_norm=config.gradient_clip_norm,
+                max_offenders=sum(1 for _ in self.model.parameters()),
+            )
+            if config.nan_guard == "on"
+            else PlainClipStep(self.model, max_norm=config.gradient_clip_norm)
         )
 
         self.epoch = 0  # epochs completed
@@ -372,6 +380,9 @@ class Trainer:
                 **components,
                 "grad_norm": result.total_norm,
                 "clip_coef": result.clip_coef,
+                "clip_norm": self.config.gradient_clip_norm,
+                "grad_finite": result.finite,
+                "nonfinite_params": result.offenders[:MAX_NAMED_OFFENDERS],
                 "loss_scale": self._loss_scale(),
                 "skipped": result.skipped,
                 "skipped_total": self.skipped_steps,

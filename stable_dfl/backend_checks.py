@@ -1,0 +1,89 @@
+"""Which DFL backends run here, and whether they agree with the float64 reference.
+
+Shared by ``python -m stable_dfl info`` and ``python -m stable_dfl doctor``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .loss import stable_dfl_loss
+from .ops import _library
+from .ops.reference import dfl_reference
+
+#: Max abs difference from the float64 reference that counts as agreement (fp32 kernels).
+AGREEMENT_TOLERANCE = {"loss": 1e-4, "grad": 1e-5}
+#: Input sets: ``random`` (logits ~ N(0, 4^2), the usual range) and ``extreme`` (logits up
+#: to +-1e4, so the probability floor is active, and targets on and beyond the edge bins).
+INPUT_KINDS = ("random", "extreme")
+
+
+@dataclass(frozen=True)
+class BackendAvailability:
+    backend: str
+    device: str
+    reason: str | None
+    """Why it cannot run here; None when usable."""
+
+    @property
+    def usable(self) -> bool:
+        return self.reason is None
+
+
+def devices() -> list[torch.device]:
+    found = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        found.append(torch.device("cuda"))
+    return found
+
+
+def backend_availability() -> list[BackendAvailability]:
+    return [
+        BackendAvailability(backend, device.type, _library.unavailable_reason(backend, device))
+        for device in devices()
+        for backend in _library.BACKENDS
+    ]
+
+
+def _inputs(kind: str, n_rows: int, n_bins: int) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(0)
+    pred = torch.randn(n_rows, n_bins, generator=generator) * 4
+    target = torch.rand(n_rows, generator=generator) * (n_bins + 1) - 0.5
+    weight = torch.rand(n_rows, generator=generator)
+    if kind == "extreme":
+        pred = torch.sign(pred) * 1e4 * torch.rand(n_rows, n_bins, generator=generator)
+        edges = torch.tensor([0.0, n_bins - 1.01, -3.0, n_bins + 5.0])
+        target[: 4 * (n_rows // 8)] = edges.repeat(n_rows // 8)
+    elif kind != "random":
+        raise ValueError(f"kind must be one of {INPUT_KINDS}, got {kind!r}")
+    return pred, target, weight
+
+
+def agreement(
+    backend: str,
+    device: torch.device,
+    kind: str = "random",
+    n_rows: int = 2048,
+    n_bins: int = 16,
+) -> dict[str, float]:
+    """Max abs difference of per-element loss and gradient between ``backend`` and the
+    float64 reference, on the ``kind`` input set."""
+    pred, target, weight = _inputs(kind, n_rows, n_bins)
+    x = pred.to(device, copy=True).requires_grad_()
+    loss = stable_dfl_loss(
+        x, target.to(device), weight.to(device), n_bins=n_bins, reduction="none", backend=backend
+    )
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    x64 = pred.double().requires_grad_()
+    ref = dfl_reference(x64, target.double(), weight.double())
+    ref.sum().backward()
+    return {
+        "loss": (loss.detach().cpu().double() - ref.detach()).abs().max().item(),
+        "grad": (grad.cpu().double() - x64.grad).abs().max().item(),
+    }
+
+
+def agrees(errors: dict[str, float]) -> bool:
+    return all(errors[key] <= AGREEMENT_TOLERANCE[key] for key in AGREEMENT_TOLERANCE)

@@ -1,0 +1,6 @@
+"""``python -m stable_dfl report``: a run's health, judged from its ``metrics.jsonl``."""
+
+from .metrics import RunMetrics, load_run
+from .verdicts import Check, HealthCriteria, Status, judge_run
+
+__all__ = ["Check", "HealthCriteria", "RunMetrics", "Status", "judge_run", "load_run"]
