@@ -13,7 +13,7 @@ N = 4 * M rows, in fp32 and bf16, for these providers, all in the same run:
   buffer allocated once (no page faults), for scale.
 
 Medians and 20/80% quantiles over repeats; speedups are against ``reference`` in the same run.
-Peak extra memory of one fwd+bwd is measured per provider in a fresh process (max RSS growth).
+Peak extra memory of one fwd+bwd is measured per provider in a fresh process (peak RSS growth).
 Results are appended to ``bench/results/dfl_cpu.csv``; the run's rows go to
 ``bench/results/dfl_cpu.json`` and a plot to ``bench/results/dfl_cpu.png``.
 
@@ -105,16 +105,22 @@ def time_ms(
 
 
 def peak_extra_memory_mb(provider: str, n_rows: int, dtype_name: str) -> float:
-    """Max-RSS growth of one fwd+bwd after the inputs exist, measured in a fresh process."""
+    """Peak RSS growth of one fwd+bwd after the inputs exist, measured in a fresh process
+    (Linux: the high-water mark is reset through /proc/self/clear_refs just before the step;
+    importing torch alone peaks higher than the step, which would hide it)."""
     code = (
-        "import resource, sys, torch\n"
+        "import sys, torch\n"
         "sys.path.insert(0, sys.argv[1])\n"
         "import bench_dfl as b\n"
+        "def status_kb(field):\n"
+        "    with open('/proc/self/status') as f:\n"
+        "        return next(int(l.split()[1]) for l in f if l.startswith(field))\n"
         "pred, target, weight = b.make_inputs(int(sys.argv[3]), b.DTYPES[sys.argv[4]])\n"
         "step = b.make_step(sys.argv[2], 'forward_backward', pred, target, weight)\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "before = status_kb('VmRSS')\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
         "step()\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
+        "print((status_kb('VmHWM') - before) / 1024)\n"
     )
     if provider == "compiled_reference":
         return float("nan")  # compiling allocates far more than the kernel it produces
@@ -195,6 +201,13 @@ def summary(rows: list[dict]) -> str:
             f"| {dtype} | {n_rows:,} | {mode} | {ours:.2f} | {t['reference']:.2f} | {t['ultralytics']:.2f} "
             f"| {t['compiled_reference']:.2f} | {t['memory_floor']:.2f} | {t['reference'] / ours:.1f} "
             f"| {t['compiled_reference'] / ours:.1f} | {ours / t['memory_floor']:.2f} |"
+        )
+    memory = [r for r in rows if r["metric"] == "peak_extra_mb"]
+    if memory:
+        lines.append("")
+        lines.append(
+            f"Peak extra memory of one fwd+bwd, fp32, N = {memory[0]['x']:,} (peak RSS growth): "
+            + ", ".join(f"{r['provider']} {r['y50']} MB" for r in memory)
         )
     return "\n".join(lines)
 
