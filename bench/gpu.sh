@@ -4,7 +4,7 @@
 # table of its largest size last. About 5-8 minutes on an H100.
 #
 # Python: $PYTHON, else .venv/bin/python, else python3. It needs a CUDA build of torch, triton,
-# pytest and matplotlib; `bash scripts/ensure_env.sh test bench triton` sets up .venv with them.
+# pytest and matplotlib; `bash scripts/ensure_env.sh test triton` sets up .venv with them.
 # Extra arguments go to the benchmark (e.g. --quick).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
