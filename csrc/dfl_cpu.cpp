@@ -16,10 +16,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 namespace stable_dfl {
 // SIMD overloads of the math helpers, declared before dfl_row.h's templates use them.
 template <typename T>
@@ -58,26 +54,6 @@ namespace {
 
 // Rows per deterministic partial sum; also the unit of parallel work.
 constexpr int64_t kRowsPerChunk = 256;
-
-// A new multi-megabyte buffer faults in one 4 KiB page at a time on first write,
-// which costs more than the kernel itself; asking for transparent huge pages
-// before that first write cuts the faults 512-fold. A hint only: a no-op where
-// THP is off, and on memory that was already touched.
-at::Tensor empty_with_huge_pages(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor buffer = at::empty(sizes, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
-  constexpr size_t kMinBytes = size_t{8} << 20;
-  const size_t bytes = buffer.nbytes();
-  if (bytes >= kMinBytes) {
-    const auto start = reinterpret_cast<uintptr_t>(buffer.data_ptr());
-    const uintptr_t begin = (start + kHugePage - 1) & ~(kHugePage - 1);
-    const uintptr_t end = (start + bytes) & ~(kHugePage - 1);
-    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-  }
-#endif
-  return buffer;
-}
 
 // Rows are processed in blocks of one SIMD vector's width, transposed so that
 // each lane holds one row: the max, exp, sum and the per-row scalar math of
@@ -229,8 +205,8 @@ std::tuple<at::Tensor, at::Tensor> dfl_forward_cpu(const at::Tensor& pred_in,
   const auto acc_options = pred.options().dtype(acc_dtype);
   at::Tensor loss =
       reduce_sum ? at::empty({}, acc_options) : at::empty({pred.size(0)}, acc_options);
-  at::Tensor grad = need_grad ? empty_with_huge_pages(pred.sizes(), pred.options())
-                              : at::empty({0}, pred.options());
+  at::Tensor grad =
+      need_grad ? at::empty(pred.sizes(), pred.options()) : at::empty({0}, pred.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, pred.scalar_type(), "dfl_forward_cpu", [&] {
@@ -251,7 +227,7 @@ at::Tensor dfl_backward_cpu(const at::Tensor& grad_in, const at::Tensor& grad_lo
                     grad_in.size(0), ", got ", grad_loss_in.sizes());
   const at::Tensor grad = grad_in.contiguous();
   const at::Tensor grad_loss = grad_loss_in.to(dfl_acc_dtype(grad.scalar_type())).contiguous();
-  at::Tensor out = empty_with_huge_pages(grad.sizes(), grad.options());
+  at::Tensor out = at::empty(grad.sizes(), grad.options());
   const int64_t n_rows = grad.size(0);
   const int64_t n_bins = grad.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(
