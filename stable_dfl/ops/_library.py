@@ -68,8 +68,8 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def unavailable_reason(backend: str, device: torch.device) -> str | None:
-    """None when ``backend`` can run on tensors of ``device``, else the reason it cannot."""
+def unavailable_reason(backend: str, device: torch.device, op: str = "dfl_forward") -> str | None:
+    """None when ``backend`` can run ``op`` on tensors of ``device``, else the reason it cannot."""
     if backend == "reference":
         return None
     if backend == "cpu":
@@ -77,6 +77,8 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
             return f"backend 'cpu' runs on CPU tensors, got tensors on {device}"
         if EXTENSION_ERROR is not None:
             return f"the compiled extension stable_dfl._C is not loaded ({EXTENSION_ERROR})"
+        if not compiled_cpu_available(op):
+            return f"the loaded stable_dfl._C has no CPU kernel of {op} (rebuild it)"
         return None
     if backend == "cuda":
         if device.type != "cuda":
@@ -85,7 +87,7 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
             return "no CUDA GPU is available to this process"
         if EXTENSION_ERROR is not None:
             return f"the compiled extension stable_dfl._C is not loaded ({EXTENSION_ERROR})"
-        if not compiled_cuda_available():
+        if not compiled_cuda_available(op):
             return (
                 "stable_dfl._C was built without its CUDA kernels (reinstall with a CUDA build "
                 "of torch and nvcc on PATH, or STABLE_DFL_CUDA=1)"
@@ -108,6 +110,26 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
 
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run here; the message says why."""
+
+
+#: What 'auto' tries, in order, per device type (anything else runs the reference).
+AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+
+def resolve_backend(backend: str, device: torch.device, op: str) -> str:
+    """The backend that runs ``op`` for ``backend`` ('auto' or a name) on tensors of ``device``.
+
+    Raises BackendUnavailableError, saying why, when an explicit backend cannot run.
+    """
+    if backend == "auto":
+        for candidate in AUTO_ORDER.get(device.type, ("reference",)):
+            if unavailable_reason(candidate, device, op) is None:
+                return candidate
+        return "reference"
+    reason = unavailable_reason(backend, device, op)
+    if reason is not None:
+        raise BackendUnavailableError(f"stable_dfl backend {backend!r} unavailable: {reason}")
+    return backend
 
 
 if EXTENSION_ERROR is not None:

@@ -15,25 +15,15 @@ import torch
 from . import _library
 from .reference import compute_dtype, dfl_reference
 
-AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 
-
+# Availability is fixed for the process; under torch.compile the choice is a constant.
+@torch.compiler.assume_constant_result
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that runs for ``backend`` ('auto' or a name) on tensors of ``device``.
+    """The backend that runs the DFL for ``backend`` ('auto' or a name) on tensors of ``device``.
 
     Raises BackendUnavailableError, saying why, when an explicit backend cannot run.
     """
-    if backend == "auto":
-        for candidate in AUTO_ORDER.get(device.type, ("reference",)):
-            if _library.unavailable_reason(candidate, device) is None:
-                return candidate
-        return "reference"
-    reason = _library.unavailable_reason(backend, device)
-    if reason is not None:
-        raise _library.BackendUnavailableError(
-            f"stable_dfl backend {backend!r} unavailable: {reason}"
-        )
-    return backend
+    return _library.resolve_backend(backend, device, "dfl_forward")
 
 
 def _fake_dfl_forward(pred, target, weight, eps, reduce_sum, need_grad):

@@ -30,8 +30,6 @@ from . import _library
 
 GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 GRAD_NORM_OP = "grad_sumsq_nonfinite"
-AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
-
 SumsqResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -123,32 +121,17 @@ _unscale_grad_sumsq_nonfinite_triton.register_fake(_fake_grad_sumsq_nonfinite)
 
 def unavailable_reason(backend: str, device: torch.device) -> str | None:
     """None when ``backend`` can run the gradient ops on ``device``, else why not."""
-    reason = _library.unavailable_reason(backend, device)
-    if reason is None and backend == "cpu" and not _library.compiled_cpu_available(GRAD_NORM_OP):
-        return f"the loaded stable_dfl._C has no CPU kernel of {GRAD_NORM_OP} (rebuild it)"
-    if reason is None and backend == "cuda" and not _library.compiled_cuda_available(GRAD_NORM_OP):
-        return f"the loaded stable_dfl._C has no CUDA kernel of {GRAD_NORM_OP} (rebuild it)"
-    return reason
+    return _library.unavailable_reason(backend, device, GRAD_NORM_OP)
 
 
 # Availability is fixed for the process; under torch.compile the choice is a constant.
 @torch.compiler.assume_constant_result
 def resolve_grad_norm_backend(backend: str, device: torch.device) -> str:
-    """The backend that runs for ``backend`` ('auto' or a name) on tensors of ``device``.
+    """The backend that runs the gradient ops for ``backend`` ('auto' or a name) on ``device``.
 
     Raises BackendUnavailableError, saying why, when an explicit backend cannot run.
     """
-    if backend == "auto":
-        for candidate in AUTO_ORDER.get(device.type, ("reference",)):
-            if unavailable_reason(candidate, device) is None:
-                return candidate
-        return "reference"
-    reason = unavailable_reason(backend, device)
-    if reason is not None:
-        raise _library.BackendUnavailableError(
-            f"stable_dfl backend {backend!r} unavailable: {reason}"
-        )
-    return backend
+    return _library.resolve_backend(backend, device, GRAD_NORM_OP)
 
 
 def _checked_grads(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
