@@ -1,14 +1,19 @@
-"""Builds stable_dfl._C from csrc/.
+"""Builds stable_dfl._C and the CPU kernel libraries from csrc/.
 
-The C++ CPU kernels always build. The CUDA kernels (csrc/*.cu and csrc/*_cuda.cpp) build
-when the installed torch has CUDA and nvcc is found.
+stable_dfl._C (schemas, registrations, the run-time choice of CPU kernels and, when
+built, the CUDA kernels) is compiled for the baseline ISA. The CPU kernels (csrc/cpu/)
+are compiled once per SIMD level into libraries of their own,
+stable_dfl/_cpu_kernels_{default,avx2,avx512}, of which _C loads the best one that ATen
+uses and the CPU runs (ATEN_CPU_CAPABILITY=default|avx2|avx512 forces a lower one).
+The CUDA kernels (csrc/*.cu and csrc/*_cuda.cpp) build when the installed torch has CUDA
+and nvcc is found. Objects are kept in build/temp-<python>-<torch>/ for incremental rebuilds.
 
 Environment:
   STABLE_DFL_CUDA=1|0       force or skip the CUDA kernels (default: auto)
   STABLE_DFL_CUDA_ARCH_LIST architectures for nvcc, e.g. "8.0;9.0" (default: TORCH_CUDA_ARCH_LIST,
                             else a list from Turing to Blackwell)
-  STABLE_DFL_CPU_ISA        avx512 | avx2 | default: the SIMD level of the CPU kernels
-                            (default: the best this build machine supports)
+  STABLE_DFL_CPU_ISAS       comma list narrowing the CPU levels built, e.g. "default,avx2"
+                            (default: all three on x86, default elsewhere; default is always built)
   MAX_JOBS                  parallel compile jobs (honoured by torch's ninja build)
 """
 
@@ -16,6 +21,7 @@ import glob
 import os
 import platform
 import shutil
+import sys
 
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
@@ -63,52 +69,74 @@ def _want_cuda() -> bool:
     return has_toolkit
 
 
-def _cpu_isa() -> str:
-    requested = os.environ.get("STABLE_DFL_CPU_ISA", "").lower()
-    if requested:
-        if requested not in ("avx512", "avx2", "default"):
-            raise ValueError(
-                f"STABLE_DFL_CPU_ISA must be avx512, avx2 or default, got {requested!r}"
-            )
-        return requested
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return "default"
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return "default"
-    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(flags):
-        return "avx512"
-    if {"avx2", "fma"} <= set(flags):
-        return "avx2"
-    return "default"
-
-
-# ATen's Vectorized<T> picks its implementation from these macros and the compiler's ISA flags.
-ISA_FLAGS = {
+CPU_LEVELS = ("default", "avx2", "avx512")
+# ATen's flags for its own per-level kernels (cmake/Codegen.cmake), and the macros that
+# select ATen's Vectorized<T> implementation; F16C for the fp16 conversions of both.
+CPU_LEVEL_FLAGS = {
+    "default": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
     "avx512": [
         "-mavx512f",
         "-mavx512bw",
         "-mavx512vl",
         "-mavx512dq",
         "-mfma",
-        "-mavx2",
+        "-mf16c",
         "-DCPU_CAPABILITY=AVX512",
         "-DCPU_CAPABILITY_AVX512",
     ],
-    "avx2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
-    "default": ["-DCPU_CAPABILITY=DEFAULT"],
 }
 
 
-def _extension():
+def _cpu_levels() -> list[str]:
+    """The SIMD levels to build CPU kernels for: every x86 level unless narrowed.
+
+    ``default`` is always built, so that every CPU has a kernel whatever the setting.
+    """
+    if os.environ.get("STABLE_DFL_CPU_ISA"):
+        raise ValueError(
+            "STABLE_DFL_CPU_ISA is gone: every CPU level is built and the one in use is picked "
+            "at run time; STABLE_DFL_CPU_ISAS=default,avx2 narrows the levels built"
+        )
+    if not _is_x86():
+        return ["default"]
+    requested = os.environ.get("STABLE_DFL_CPU_ISAS", "").lower().replace(" ", "")
+    if not requested:
+        return list(CPU_LEVELS)
+    levels = requested.split(",")
+    unknown = sorted(set(levels) - set(CPU_LEVELS))
+    if unknown:
+        raise ValueError(
+            f"STABLE_DFL_CPU_ISAS lists unknown levels {unknown}; choose from {CPU_LEVELS}"
+        )
+    return [level for level in CPU_LEVELS if level in levels or level == "default"]
+
+
+def _cpu_kernel_extension(level: str) -> CppExtension:
+    """The kernels of one SIMD level, a library of their own (csrc/cpu/kernel_table.h)."""
+    return CppExtension(
+        f"stable_dfl._cpu_kernels_{level}",
+        sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))),
+        extra_compile_args={
+            "cxx": ["-O3", "-fvisibility=hidden", "-fvisibility-inlines-hidden"]
+            + CPU_LEVEL_FLAGS[level]
+        },
+    )
+
+
+def _is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _main_extension(with_cuda: bool):
+    """stable_dfl._C: schemas, registrations, the CPU level choice and the CUDA kernels, all
+    compiled for the baseline ISA so that importing it runs on every CPU."""
     cpu_sources = sorted(
         p for p in glob.glob(os.path.join("csrc", "*.cpp")) if not p.endswith("_cuda.cpp")
     )
-    cxx_flags = ["-O3", "-fopenmp", *ISA_FLAGS[_cpu_isa()]]
-    link_flags = ["-fopenmp"]
-    if not _want_cuda():
+    cxx_flags = ["-O3", "-fopenmp"]
+    link_flags = ["-fopenmp", "-ldl"]
+    if not with_cuda:
         return CppExtension(
             "stable_dfl._C",
             cpu_sources,
@@ -146,7 +174,49 @@ def _extension():
     )
 
 
+class BuildStableDFL(BuildExtension):
+    """Builds every extension in a persistent folder of its own (incremental rebuilds with
+    ninja, and no two levels' objects in one place), then records what was built."""
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        import torch
+
+        tag = f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}"
+        self.build_temp = os.path.join(ROOT, "build", f"temp-{tag}")
+
+    def build_extension(self, ext) -> None:
+        shared_temp = self.build_temp
+        self.build_temp = os.path.join(shared_temp, ext.name.rsplit(".", 1)[-1])
+        try:
+            super().build_extension(ext)
+        finally:
+            self.build_temp = shared_temp
+
+    def run(self) -> None:
+        super().run()
+        import torch
+
+        info = (
+            '"""What this build of stable_dfl was compiled for (written by setup.py)."""\n\n'
+            f"TORCH_VERSION = {torch.__version__!r}\n"
+            f"CPU_ISAS = {tuple(CPU_BUILD_LEVELS)!r}\n"
+            f"WITH_CUDA = {WITH_CUDA!r}\n"
+        )
+        targets = [os.path.join(self.build_lib, "stable_dfl")]
+        if self.inplace or getattr(self, "editable_mode", False):
+            targets.append(os.path.join(ROOT, "stable_dfl"))
+        for folder in targets:
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, "_build_info.py"), "w") as f:
+                f.write(info)
+
+
+CPU_BUILD_LEVELS = _cpu_levels()
+WITH_CUDA = _want_cuda()
+
 setup(
-    ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    ext_modules=[_main_extension(WITH_CUDA)]
+    + [_cpu_kernel_extension(level) for level in CPU_BUILD_LEVELS],
+    cmdclass={"build_ext": BuildStableDFL.with_options(use_ninja=True)},
 )

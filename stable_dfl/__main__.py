@@ -10,7 +10,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m stable_dfl")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("info", help="versions, backends built and usable here, agreement check")
+    commands.add_parser(
+        "info",
+        help="versions, CPU kernel level, backends usable here, agreement check",
+        add_help=False,
+    )
     commands.add_parser(
         "doctor",
         help="check the installed package: backends, clamps, head init, smoke training",
@@ -26,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "info":
         from .cli_info import run_info
 
-        return run_info()
+        return run_info(rest)
     if args.command == "doctor":
         from .doctor import main as doctor_main
 

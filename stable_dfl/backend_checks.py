@@ -5,10 +5,13 @@ Shared by ``python -m stable_dfl info`` and ``python -m stable_dfl doctor``.
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from . import __version__
 from .loss import stable_dfl_loss
 from .ops import _library
 from .ops.reference import dfl_reference
@@ -87,3 +90,45 @@ def agreement(
 
 def agrees(errors: dict[str, float]) -> bool:
     return all(errors[key] <= AGREEMENT_TOLERANCE[key] for key in AGREEMENT_TOLERANCE)
+
+
+def installation() -> dict[str, Any]:
+    """Versions, the compiled extension and the CPU kernel levels, as ``info`` and ``doctor``
+    report them (JSON-ready)."""
+    triton_error = _library.triton_import_error()
+    triton_version = None
+    if triton_error is None:
+        import triton
+
+        triton_version = triton.__version__
+    return {
+        "versions": {
+            "stable_dfl": __version__,
+            "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda,
+            "triton": triton_version,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+        },
+        "gpu": torch.cuda.is_available(),
+        "extension": {
+            "loaded": _library.EXTENSION_ERROR is None,
+            "error": _library.EXTENSION_ERROR,
+            "with_cuda": _library.compiled_cuda_available(),
+        },
+        "triton_error": triton_error,
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_kernel_isa": _library.cpu_kernel_isa(),
+        "cpu_kernel_isas": list(_library.cpu_kernel_isas()),
+    }
+
+
+def cpu_kernel_line(summary: dict[str, Any]) -> str:
+    """'avx2 (built: default, avx2, avx512; ATen capability AVX2)', or why there is none."""
+    if summary["cpu_kernel_isa"] is None:
+        return "none (the compiled extension is not loaded)"
+    built = ", ".join(summary["cpu_kernel_isas"])
+    return (
+        f"{summary['cpu_kernel_isa']} (built: {built}; ATen capability "
+        f"{summary['aten_cpu_capability']}, ATEN_CPU_CAPABILITY=default|avx2|avx512 lowers it)"
+    )

@@ -1,46 +1,83 @@
-"""``python -m stable_dfl info``: versions, backends built and usable here, agreement check."""
+"""``python -m stable_dfl info [--json]``: versions, the CPU kernel level, the backends built and
+usable here, and their agreement with the float64 reference."""
 
 from __future__ import annotations
 
-import platform
+import argparse
+import json
 
 import torch
 
-from . import __version__
-from .backend_checks import agreement, agrees, backend_availability
-from .ops import _library
+from .backend_checks import (
+    agreement,
+    agrees,
+    backend_availability,
+    cpu_kernel_line,
+    installation,
+)
 
 
-def run_info() -> int:
-    print(f"stable_dfl {__version__}")
-    print(f"python     {platform.python_version()} ({platform.machine()})")
-    print(
-        f"torch      {torch.__version__} (CUDA {torch.version.cuda}, GPU: {torch.cuda.is_available()})"
+def _backend_rows() -> list[dict]:
+    rows = []
+    for availability in backend_availability():
+        row = {
+            "backend": availability.backend,
+            "device": availability.device,
+            "usable": availability.usable,
+            "reason": availability.reason,
+            "agreement": None,
+        }
+        if availability.usable:
+            errors = agreement(availability.backend, torch.device(availability.device))
+            row["agreement"] = {
+                "max_loss_error": errors["loss"],
+                "max_grad_error": errors["grad"],
+                "ok": agrees(errors),
+            }
+        rows.append(row)
+    return rows
+
+
+def run_info(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m stable_dfl info",
+        description="Versions, the CPU kernel level in use, the backends usable here and "
+        "their agreement with the float64 reference. Exit 1 if a usable backend disagrees.",
     )
-    triton_error = _library.triton_import_error()
-    if triton_error is None:
-        import triton
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    summary = installation()
+    backends = _backend_rows()
+    ok = all(row["agreement"]["ok"] for row in backends if row["usable"])
+    if args.json:
+        print(json.dumps({**summary, "backends": backends, "ok": ok}, indent=2))
+        return 0 if ok else 1
 
-        print(f"triton     {triton.__version__}")
+    versions = summary["versions"]
+    print(f"stable_dfl {versions['stable_dfl']}")
+    print(f"python     {versions['python']} ({versions['machine']})")
+    print(f"torch      {versions['torch']} (CUDA {versions['torch_cuda']}, GPU: {summary['gpu']})")
+    if versions["triton"] is not None:
+        print(f"triton     {versions['triton']}")
     else:
-        print(f"triton     unavailable: {triton_error}")
-    if _library.EXTENSION_ERROR is None:
-        cuda_built = "with" if _library.compiled_cuda_available() else "without"
+        print(f"triton     unavailable: {summary['triton_error']}")
+    extension = summary["extension"]
+    if extension["loaded"]:
+        cuda_built = "with" if extension["with_cuda"] else "without"
         print(f"extension  stable_dfl._C loaded, built {cuda_built} CUDA kernels")
     else:
-        print(f"extension  not loaded: {_library.EXTENSION_ERROR}")
+        print(f"extension  not loaded: {extension['error']}")
+    print(f"cpu kernel {cpu_kernel_line(summary)}")
     print()
-    healthy = True
-    for availability in backend_availability():
-        label = f"{availability.backend:>9} on {availability.device:<4}"
-        if not availability.usable:
-            print(f"{label}  not usable: {availability.reason}")
+    for row in backends:
+        label = f"{row['backend']:>9} on {row['device']:<4}"
+        if not row["usable"]:
+            print(f"{label}  not usable: {row['reason']}")
             continue
-        errors = agreement(availability.backend, torch.device(availability.device))
-        ok = agrees(errors)
-        healthy &= ok
-        verdict = "OK" if ok else "DISAGREES"
+        result = row["agreement"]
+        verdict = "OK" if result["ok"] else "DISAGREES"
         print(
-            f"{label}  {verdict}: max |loss - ref| {errors['loss']:.2e}, max |grad - ref| {errors['grad']:.2e}"
+            f"{label}  {verdict}: max |loss - ref| {result['max_loss_error']:.2e}, "
+            f"max |grad - ref| {result['max_grad_error']:.2e}"
         )
-    return 0 if healthy else 1
+    return 0 if ok else 1

@@ -16,14 +16,44 @@ import torch
 BACKENDS = ("cpu", "cuda", "triton", "reference")
 
 
-def _load_extension() -> str | None:
-    """Imports stable_dfl._C; returns None on success, else the reason it failed."""
+def _build_mismatch() -> str | None:
+    """Why the installed stable_dfl._C must not be loaded into this torch, or None.
+
+    setup.py records the torch it compiled against; an extension built for another torch
+    fails to load with an undefined symbol at best, so it is not even tried.
+    """
     try:
-        from stable_dfl import _C  # noqa: F401  (registers the ops)
-    except ImportError as error:  # missing build or an ABI mismatch with this torch
+        from stable_dfl import _build_info
+    except ImportError:  # not built (a source checkout), or built before the record existed
+        return None
+    if _build_info.TORCH_VERSION != torch.__version__:
+        return (
+            f"stable_dfl._C was built for torch {_build_info.TORCH_VERSION}, this is torch "
+            f"{torch.__version__}: reinstall stable_dfl"
+        )
+    return None
+
+
+def _load_extension() -> str | None:
+    """Imports stable_dfl._C and its CPU kernels; returns None on success, else why not."""
+    mismatch = _build_mismatch()
+    if mismatch is not None:
+        return mismatch
+    try:
+        from stable_dfl import _C  # registers the ops
+    except ImportError as error:  # missing build, or an ABI mismatch with this torch
+        if "undefined symbol" in str(error):
+            return (
+                f"stable_dfl._C does not match torch {torch.__version__} "
+                f"({type(error).__name__}: {error}): reinstall stable_dfl"
+            )
         return f"{type(error).__name__}: {error}"
     except OSError as error:
         return f"{type(error).__name__}: {error}"
+    try:
+        _C.cpu_kernel_isa()  # loads the CPU kernel library of the level in use
+    except RuntimeError as error:
+        return str(error)
     return None
 
 
@@ -39,6 +69,29 @@ def _has_kernel(op: str, dispatch_key: str) -> bool:
 def has_kernel(op: str, device: torch.device) -> bool:
     """True when the loaded extension has a kernel of ``op`` for tensors on ``device``."""
     return device.type in ("cpu", "cuda") and _has_kernel(op, device.type.upper())
+
+
+def cpu_kernel_isa() -> str | None:
+    """The SIMD level of the compiled CPU kernels in use ('default', 'avx2' or 'avx512'), as
+    the loaded kernel library reports it; None without the extension.
+
+    It is ATen's CPU capability (``ATEN_CPU_CAPABILITY=default|avx2|avx512`` lowers it),
+    lowered further to what the CPU runs and to the levels installed.
+    """
+    if EXTENSION_ERROR is not None:
+        return None
+    from stable_dfl import _C
+
+    return _C.cpu_kernel_isa()
+
+
+def cpu_kernel_isas() -> tuple[str, ...]:
+    """The SIMD levels whose CPU kernels are installed, lowest first; () without the extension."""
+    if EXTENSION_ERROR is not None:
+        return ()
+    from stable_dfl import _C
+
+    return _C.cpu_kernel_isas()
 
 
 def compiled_cpu_available(op: str = "dfl_forward") -> bool:
