@@ -1,9 +1,29 @@
 #!/usr/bin/env bash
-# Sets up .venv/ (see ensure_env.sh) and runs the test suite. Triton kernels run in
-# Triton's interpreter when no GPU is present (tests/conftest.py). Extra arguments
-# go to pytest.
+# Sets up .venv/ (see ensure_env.sh) and runs the test suite, then runs the tests of the
+# compiled CPU kernels (marker cpu_kernel) again under each lower SIMD level this machine
+# has, forced with ATEN_CPU_CAPABILITY, so that every level's kernels are tested wherever
+# the suite runs. Triton kernels run in Triton's interpreter when no GPU is present
+# (tests/conftest.py). Extra arguments go to every pytest run.
+#
+#   VENV=PATH   the environment to test in (default: .venv in the repository root)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$ROOT/scripts/ensure_env.sh" test
+VENV="${VENV:-$ROOT/.venv}"
+VENV="$VENV" bash "$ROOT/scripts/ensure_env.sh" test
 cd "$ROOT"
-exec "$ROOT/.venv/bin/python" -m pytest -q -ra "$@"
+PYTHON="$VENV/bin/python"
+
+# The level in use now, as the loaded kernels report it, and the levels below it.
+LEVELS="$("$PYTHON" -c "
+from stable_dfl.ops import _library
+levels = ('default', 'avx2', 'avx512')
+isa = _library.cpu_kernel_isa()
+print(' '.join(levels[:levels.index(isa)]) if isa else '')
+" 2>/dev/null)"
+
+echo "[stable_dfl] tests, CPU kernels at the level this machine uses"
+"$PYTHON" -m pytest -q -ra "$@"
+for level in $LEVELS; do
+  echo "[stable_dfl] CPU kernel tests under ATEN_CPU_CAPABILITY=$level"
+  ATEN_CPU_CAPABILITY="$level" "$PYTHON" -m pytest -q -ra -m "cpu_kernel and not soak" "$@"
+done

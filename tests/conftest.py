@@ -14,6 +14,16 @@ if not torch.cuda.is_available():
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks ``cpu_kernel`` every test parametrized with ``backend='cpu'``: with the modules
+    and tests marked by hand, these are what scripts/run_tests.sh runs again under each lower
+    SIMD level (ATEN_CPU_CAPABILITY) of the compiled CPU kernels."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("backend") == "cpu":
+            item.add_marker(pytest.mark.cpu_kernel)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -13,10 +13,13 @@ from .dfl_cases import assert_close_to_reference, expected, random_case
 from .fused_backend_suite import *  # noqa: F403  (the shared tests, run here with the fixtures below)
 from .fused_backend_suite import run_backend
 
-pytestmark = pytest.mark.skipif(
-    not _library.compiled_cpu_available(),
-    reason=f"stable_dfl._C not loaded: {_library.EXTENSION_ERROR}",
-)
+pytestmark = [
+    pytest.mark.cpu_kernel,
+    pytest.mark.skipif(
+        not _library.compiled_cpu_available(),
+        reason=f"stable_dfl._C not loaded: {_library.EXTENSION_ERROR}",
+    ),
+]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -20,9 +20,16 @@ from .conftest import needs_cuda
 
 CPU = torch.device("cpu")
 BACKENDS_HERE = [b for b in ("cpu", "triton", "reference") if unavailable_reason(b, CPU) is None]
-needs_compiled_cpu = pytest.mark.skipif(
-    not _library.compiled_cpu_available(GRAD_NORM_OP), reason="stable_dfl._C not built"
-)
+
+
+def needs_compiled_cpu(test):
+    """Runs the compiled CPU kernel: skipped without it, and rerun under each CPU level."""
+    skip = pytest.mark.skipif(
+        not _library.compiled_cpu_available(GRAD_NORM_OP), reason="stable_dfl._C not built"
+    )
+    return pytest.mark.cpu_kernel(skip(test))
+
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -173,6 +180,7 @@ def test_overflowing_sum_of_squares_is_flagged_but_no_tensor_is(backend: str) ->
     assert math.isinf(sumsq.item()) and found.item() == 1.0 and not nonfinite.any()
 
 
+@pytest.mark.cpu_kernel
 def test_empty_inputs() -> None:
     total_norm, nonfinite = grad_norm_and_nonfinite([])
     assert total_norm.item() == 0.0 and nonfinite.shape == (0,)
@@ -229,6 +237,7 @@ def opcheck_cases() -> list[tuple[object, tuple]]:
     return cases
 
 
+@pytest.mark.cpu_kernel
 @pytest.mark.parametrize("case", range(len(opcheck_cases())))
 def test_opcheck(case: int) -> None:
     op, args = opcheck_cases()[case]
