@@ -92,8 +92,12 @@ def cpu_model() -> str:
 
 
 def cpu_description() -> str:
-    """The CPU and the number of threads torch uses, e.g. ``"<model>, 2 threads"``."""
-    return f"{cpu_model()}, {torch.get_num_threads()} threads"
+    """The CPU, the number of threads torch uses and the SIMD level of stable_dfl's CPU kernels,
+    e.g. ``"<model>, 2 threads, avx2 kernels"``."""
+    from stable_dfl.ops import _library
+
+    level = _library.cpu_kernel_isa() or "no compiled"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads, {level} kernels"
 
 
 def run_metadata(device_description: str, **extra: str) -> dict[str, str]:

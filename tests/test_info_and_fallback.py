@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import torch
+
+import stable_dfl
 from stable_dfl.ops import _library
 
 
@@ -42,3 +47,37 @@ def test_import_without_extension_warns_once_and_falls_back_to_reference():
     assert out.returncode == 0, out.stderr
     assert "falling back" in out.stdout and "eager PyTorch reference" in out.stdout
     assert out.stdout.strip().endswith("reference")
+
+
+def test_extension_built_for_another_torch_is_refused_in_one_line(tmp_path):
+    """An install whose _C was compiled against another torch is not loaded (an undefined
+    symbol at best): one line says so and what to do, and the package runs on the reference."""
+    copy = tmp_path / "stable_dfl"
+    shutil.copytree(
+        Path(stable_dfl.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    (copy / "_build_info.py").write_text(
+        "TORCH_VERSION = '1.0.0+other'\nCPU_ISAS = ('default',)\nWITH_CUDA = False\n"
+    )
+    code = (
+        "import warnings\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import torch, stable_dfl\n"
+        "    from stable_dfl.ops import _library\n"
+        "print(_library.EXTENSION_ERROR)\n"
+        "assert any(_library.EXTENSION_ERROR in str(w.message) for w in caught)\n"
+        "loss = stable_dfl.StableDFLLoss()\n"
+        "loss(torch.zeros(3, 16), torch.full((3,), 7.5))\n"
+        "print(loss.last_backend)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr
+    message, backend = out.stdout.strip().splitlines()
+    assert message == (
+        f"stable_dfl._C was built for torch 1.0.0+other, this is torch {torch.__version__}: "
+        "reinstall stable_dfl"
+    )
+    assert backend == "reference"
