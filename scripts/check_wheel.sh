@@ -23,9 +23,8 @@ WHEEL="$(ls "$OUT"/dist/stable_dfl-*.whl)"
 SDIST="$(ls "$OUT"/dist/stable_dfl-*.tar.gz)"
 
 echo "[stable_dfl] the sdist carries every kernel source and header"
-missing="$(cd "$ROOT" && find csrc -type f | LC_ALL=C sort | while read -r file; do
-  tar -tzf "$SDIST" | grep -qx "stable_dfl-[^/]*/$file" || echo "$file"
-done)"
+tar -tzf "$SDIST" | sed 's|^[^/]*/||' >"$OUT/sdist_files.txt"
+missing="$(cd "$ROOT" && find csrc -type f | LC_ALL=C sort | grep -Fxv -f "$OUT/sdist_files.txt" || true)"
 if [ -n "$missing" ]; then
   echo "[stable_dfl] FAIL: $SDIST lacks: $missing"
   exit 1
