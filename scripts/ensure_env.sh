@@ -31,7 +31,7 @@ if [ "$#" -gt 0 ]; then EXTRAS="[$(IFS=,; echo "$*")]"; fi
 # build inputs, torch's recorded version, the build variables, and the installed outputs.
 install_stamp() {
   {
-    echo "root=$ROOT venv=$VENV extras=$EXTRAS torch_spec=${TORCH_SPEC:-}"
+    echo "root=$ROOT venv=$VENV torch_spec=${TORCH_SPEC:-}"
     for var in STABLE_DFL_CUDA STABLE_DFL_CUDA_ARCH_LIST TORCH_CUDA_ARCH_LIST \
       STABLE_DFL_CPU_ISAS CUDA_HOME CC CXX CFLAGS CXXFLAGS; do
       echo "$var=${!var:-}"
@@ -48,10 +48,22 @@ install_stamp() {
     ls -d "$VENV"/lib/python*/site-packages/__editable__*stable_dfl* 2>&1
   } | sha256sum | cut -d' ' -f1
 }
+# The stamp file: the stamp, then the extras installed with it, one per line. The two README
+# commands ask for different extras (train: none, tests: `test`); either is up to date when
+# the stamp matches and its extras were installed with it.
 STAMP_FILE="$VENV/.stable_dfl_install_stamp"
-if [ -f "$STAMP_FILE" ] && [ "$(cat "$STAMP_FILE")" = "$(install_stamp)" ]; then
-  echo "[stable_dfl] $VENV is up to date (nothing the build depends on changed)"
-  exit 0
+STAMP="$(install_stamp)"
+INSTALLED_EXTRAS=""
+if [ -f "$STAMP_FILE" ] && [ "$(head -n1 "$STAMP_FILE")" = "$STAMP" ]; then
+  INSTALLED_EXTRAS="$(tail -n +2 "$STAMP_FILE")"
+  missing=""
+  for extra in "$@"; do
+    grep -qx "$extra" <<<"$INSTALLED_EXTRAS" || missing="$missing $extra"
+  done
+  if [ -z "$missing" ]; then
+    echo "[stable_dfl] $VENV is up to date (nothing the build depends on changed)"
+    exit 0
+  fi
 fi
 
 # torch first: the build needs it (no build isolation, so the installed torch is used).
@@ -81,4 +93,7 @@ if [[ " $* " == *" test "* ]]; then
     "${PIP[@]}" install --no-deps "ultralytics==8.4.190"
   fi
 fi
-install_stamp >"$STAMP_FILE"
+{
+  install_stamp
+  { [ -n "$INSTALLED_EXTRAS" ] && echo "$INSTALLED_EXTRAS"; printf '%s\n' "$@"; } | sed '/^$/d' | sort -u
+} >"$STAMP_FILE"
