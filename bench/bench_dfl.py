@@ -17,7 +17,9 @@ Peak extra memory of one fwd+bwd is measured per provider in a fresh process (pe
 Results are appended to ``bench/results/dfl_cpu.csv``; the run's rows go to
 ``bench/results/dfl_cpu.json`` and a plot to ``bench/results/dfl_cpu.png``.
 
-Usage: ``python bench/bench_dfl.py [--quick]``.
+Usage: ``python bench/bench_dfl.py [--quick] [--sizes N ...] [--stem NAME]``; the CPU kernel level
+is the one in use (``ATEN_CPU_CAPABILITY=default|avx2|avx512`` forces a lower one) and is recorded
+in each row's ``device``.
 """
 
 from __future__ import annotations
@@ -244,12 +246,23 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="small sizes, few repeats (a smoke run)"
     )
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        help=f"rows N to time (default: {', '.join(map(str, SIZES))})",
+    )
+    parser.add_argument(
+        "--stem",
+        help="name of the results files in bench/results/ (default: dfl_cpu, dfl_cpu_quick); "
+        "e.g. one per CPU level forced with ATEN_CPU_CAPABILITY",
+    )
     args = parser.parse_args()
-    sizes = SIZES[:2] if args.quick else SIZES
+    sizes = args.sizes or (SIZES[:2] if args.quick else SIZES)
     rows = run(sizes, repeats=3 if args.quick else 7, budget_s=0.5 if args.quick else 3.0)
-    if not args.quick:
+    if not args.quick and args.sizes is None:
         rows += memory_rows(537_600)
-    stem = "dfl_cpu_quick" if args.quick else "dfl_cpu"
+    stem = args.stem or ("dfl_cpu_quick" if args.quick else "dfl_cpu")
     print(common.write_results(rows, stem, plot, summary))
 
 
