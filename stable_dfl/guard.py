@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.amp.grad_scaler import OptState
 
+from . import scaler_state
 from .ops.grad_norm import grad_sumsq_nonfinite
 
 #: Added to the norm before dividing, as in ``torch.nn.utils.clip_grad_norm_``.
@@ -193,8 +193,10 @@ class GradGuard:
     With a GradScaler whose ``unscale_`` has not been called this step, the guard unscales
     in its own pass (``inv_scale = 1 / scale`` as GradScaler computes it) and records its
     NaN/Inf flag as the scaler's ``found_inf`` for the optimizer, as ``scaler.unscale_``
-    would, so a later ``scaler.step``/``scaler.update`` skips and backs off correctly. Every
-    parameter of the optimizer that has a gradient must then be one of the guard's.
+    would, so a later ``scaler.step``/``scaler.update`` skips and backs off correctly (this
+    uses GradScaler's private state: see :mod:`stable_dfl.scaler_state` for the torch
+    versions it knows). Every parameter of the optimizer that has a gradient must then be
+    one of the guard's.
     float16 gradients are unscaled too (``scaler.unscale_`` refuses them). After an explicit
     ``scaler.unscale_``, the guard only measures. ``step`` calls ``scaler.update()``: with
     several optimizers on one scaler, use ``check_and_clip`` per optimizer, then
@@ -258,10 +260,9 @@ class GradGuard:
             raise ValueError(
                 "pass the optimizer with the scaler: GradScaler unscales per optimizer"
             )
-        stage = scaler._per_optimizer_states[id(optimizer)]["stage"]
-        if stage is OptState.STEPPED:
+        if scaler_state.is_stepped(scaler, optimizer):
             raise RuntimeError("GradGuard ran after scaler.step(); run it before")
-        if stage is OptState.UNSCALED:
+        if scaler_state.is_unscaled(scaler, optimizer):
             return None  # scaler.unscale_ was called: gradients are already unscaled
         for group in optimizer.param_groups:
             for param in group["params"]:
@@ -271,9 +272,7 @@ class GradGuard:
                         f"cover (shape {tuple(param.shape)}); it would stay scaled. Build the guard "
                         "from every parameter the optimizer steps, or call scaler.unscale_ first"
                     )
-        scale, _ = scaler._check_scale_growth_tracker("unscale_")
-        # As GradScaler.unscale_: the reciprocal in float64, then float32.
-        return scale.double().reciprocal().float()
+        return scaler_state.inv_scale(scaler)
 
     def check_and_clip(
         self,
@@ -290,7 +289,7 @@ class GradGuard:
         groups = self._grads_by_device()
         primary = next(iter(groups), None)
         if primary is None:
-            primary = scaler._scale.device if inv_scale is not None else torch.device("cpu")
+            primary = inv_scale.device if inv_scale is not None else torch.device("cpu")
 
         names: list[str] = []
         flags: list[torch.Tensor] = []
@@ -313,9 +312,7 @@ class GradGuard:
             # The scaler needs a found_inf even with no gradient. A copy: with several optimizers, scaler.update() adds found_infs in place.
             found_per_device = {primary: stats[1].clone()}
         if inv_scale is not None:
-            state = scaler._per_optimizer_states[id(optimizer)]
-            state["found_inf_per_device"] = found_per_device
-            state["stage"] = OptState.UNSCALED
+            scaler_state.record_unscaled(scaler, optimizer, found_per_device)
 
         sumsq, found = stats[0], stats[1]
         if self.max_norm is None:
@@ -342,6 +339,6 @@ class GradGuard:
             optimizer.step()
         if scaler is not None and scaler.is_enabled():
             # What scaler.step would have done: the step is taken (or skipped) above.
-            scaler._per_optimizer_states[id(optimizer)]["stage"] = OptState.STEPPED
+            scaler_state.record_stepped(scaler, optimizer)
             scaler.update()
         return result
