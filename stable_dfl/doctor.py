@@ -12,8 +12,9 @@ Each check has a stable ``name`` (``--json``):
 * ``head_init``: a freshly built detector's first DFL is within ``HEAD_INIT_DFL_TOLERANCE``
   of ``log(n_bins)`` for both heads, its box logits are below ``HEAD_INIT_MAX_LOGIT`` and
   its mean class score is near the prior.
-* ``smoke_training``: 20 training steps of a tiny detector on CPU (default AMP) with no
-  NaN/Inf loss or gradient and no skipped step.
+* ``smoke_training``: 20 training steps of a tiny detector on CPU (``--amp auto``: bf16
+  autocast where the CPU computes bf16 natively, else full precision; the check names
+  which) with no NaN/Inf loss or gradient and no skipped step.
 
 Exit code: 0 when every check passed, 1 otherwise.
 """
@@ -33,7 +34,14 @@ from typing import Any
 import torch
 
 from . import __version__
-from .backend_checks import INPUT_KINDS, agreement, agrees, backend_availability
+from .backend_checks import (
+    INPUT_KINDS,
+    agreement,
+    agrees,
+    backend_availability,
+    cpu_kernel_line,
+    installation,
+)
 from .loss import stable_dfl_loss
 from .ops import _library
 
@@ -57,12 +65,15 @@ class DoctorCheck:
 
 def check_extension() -> DoctorCheck:
     error = _library.EXTENSION_ERROR
+    summary = installation()
     detail = (
-        f"built {'with' if _library.compiled_cuda_available() else 'without'} CUDA kernels"
+        f"built {'with' if _library.compiled_cuda_available() else 'without'} CUDA kernels; "
+        f"CPU kernels {cpu_kernel_line(summary)}"
         if error is None
         else f"not loaded: {error}"
     )
-    return DoctorCheck("extension_loaded", error is None, detail)
+    values = {key: summary[key] for key in ("cpu_kernel_isa", "cpu_kernel_isas")}
+    return DoctorCheck("extension_loaded", error is None, detail, values)
 
 
 def check_agreement() -> list[DoctorCheck]:
@@ -171,11 +182,12 @@ def check_smoke_training(steps: int = SMOKE_STEPS) -> DoctorCheck:
             device="cpu",
         )
         started = time.perf_counter()
-        Trainer(
+        trainer = Trainer(
             config,
             DistContext(rank=0, world_size=1, device=torch.device("cpu")),
             console=io.StringIO(),
-        ).fit()
+        )
+        trainer.fit()
         seconds = time.perf_counter() - started
         run = load_run(save_dir)
     losses = run.series("total_loss")
@@ -187,6 +199,8 @@ def check_smoke_training(steps: int = SMOKE_STEPS) -> DoctorCheck:
         "first_loss": losses[0],
         "last_loss": losses[-1],
         "seconds": round(seconds, 2),
+        "precision": trainer.precision.name,
+        "precision_reason": trainer.precision.reason,
     }
     ok = (
         values["steps"] == steps
@@ -196,7 +210,8 @@ def check_smoke_training(steps: int = SMOKE_STEPS) -> DoctorCheck:
     )
     detail = (
         f"{values['steps']} steps in {seconds:.1f}s, loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
-        f"{values['nonfinite_gradient_steps']} NaN/Inf steps, {values['skipped_steps']} skipped"
+        f"{values['nonfinite_gradient_steps']} NaN/Inf steps, {values['skipped_steps']} skipped; "
+        f"{trainer.precision.reason}"
     )
     return DoctorCheck("smoke_training", ok, detail, values)
 
@@ -222,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     checks = run_checks()
     ok = all(check.ok for check in checks)
     if args.json:
+        summary = installation()
         document = {
             "ok": ok,
             "versions": {
@@ -229,12 +245,15 @@ def main(argv: list[str] | None = None) -> int:
                 "torch": torch.__version__,
                 "python": platform.python_version(),
             },
+            "cpu_kernel_isa": summary["cpu_kernel_isa"],
+            "cpu_kernel_isas": summary["cpu_kernel_isas"],
             "backends": [{**asdict(a), "usable": a.usable} for a in backend_availability()],
             "checks": [asdict(check) for check in checks],
         }
         print(json.dumps(document, indent=2))
     else:
         print(f"stable_dfl {__version__}, torch {torch.__version__}")
+        print(f"  CPU kernels {cpu_kernel_line(installation())}")
         for availability in backend_availability():
             state = "usable" if availability.usable else f"not usable: {availability.reason}"
             print(f"  backend {availability.backend:>9} on {availability.device:<4} {state}")

@@ -8,6 +8,7 @@ import pytest
 
 from stable_dfl import doctor
 from stable_dfl.__main__ import main
+from stable_dfl.train import default_cpu_precision
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,9 @@ def test_doctor_json_fields_and_success(doctor_json):
     assert cpu == {"backend": "cpu", "device": "cpu", "reason": None, "usable": True}
     smoke = next(c for c in document["checks"] if c["name"] == "smoke_training")
     assert smoke["values"]["steps"] == doctor.SMOKE_STEPS
+    # The smoke run trains in the precision a run with --amp auto gets on this CPU.
+    assert smoke["values"]["precision"] == default_cpu_precision().name
+    assert smoke["detail"].endswith(default_cpu_precision().reason)
 
 
 def test_doctor_fails_when_a_check_fails(monkeypatch, capsys):

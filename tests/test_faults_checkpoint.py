@@ -196,8 +196,14 @@ def _train_command(save_dir: Path) -> list[str]:
 
 
 def _uninterrupted(tmp_path: Path) -> Path:
+    """The run never killed, by the same command in the same environment as the killed
+    ones, so that the kill is all that differs (a bit-exact comparison needs the same
+    thread count and SIMD level on both sides)."""
     reference = tmp_path / "reference"
-    Trainer(fast_config(reference, **KILL_RUN), CPU).fit()
+    completed = subprocess.run(
+        _train_command(reference), cwd=REPO, env=_environment(), capture_output=True, text=True
+    )
+    assert completed.returncode == 0, completed.stderr
     return reference
 
 

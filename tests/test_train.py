@@ -17,7 +17,6 @@ from stable_dfl.train import (
 )
 from stable_dfl.train.cli import main as train_main
 from stable_dfl.train.schedule import WarmupCosine
-from stable_dfl.train.trainer import amp_dtype
 
 from .train_helpers import tiny_config
 
@@ -80,12 +79,6 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert schedule(0) == pytest.approx(0.1) and schedule(9) == pytest.approx(1.0)
     assert schedule(10) == pytest.approx(1.0) and schedule(55) == pytest.approx(0.55)
     assert schedule(100) == pytest.approx(0.1)
-
-
-def test_amp_choices():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert amp_dtype("auto", cpu) == torch.bfloat16 and amp_dtype("auto", cuda) == torch.float16
-    assert amp_dtype("off", cpu) is None and amp_dtype("fp16", cpu) == torch.float16
 
 
 def test_seed_command_line_options_parse():

@@ -33,7 +33,9 @@ class TrainConfig:
     ema_decay: float = _option(0.9999, "EMA decay of the validation weights")
     amp: str = _option(
         "auto",
-        "mixed precision: auto (fp16 on CUDA, bf16 on CPU), off, bf16 or fp16",
+        "mixed precision: auto (fp16 + GradScaler on CUDA; on a CPU bf16 where it computes "
+        "bf16 natively, else full precision, as emulated bf16 is up to ~50x slower; the "
+        "log's first line says which and why), off, or bf16 / fp16 to force one",
         choices=("auto", "off", "bf16", "fp16"),
     )
     seed: int = _option(0, "seed of weights, data and sampling")
