@@ -14,16 +14,19 @@ cd "$ROOT"
 PYTHON="$VENV/bin/python"
 
 # The level in use now, as the loaded kernels report it, and the levels below it.
-LEVELS="$("$PYTHON" -c "
+read -r IN_USE LOWER <<<"$("$PYTHON" -c "
 from stable_dfl.ops import _library
 levels = ('default', 'avx2', 'avx512')
 isa = _library.cpu_kernel_isa()
-print(' '.join(levels[:levels.index(isa)]) if isa else '')
+print(isa or 'none', ' '.join(levels[:levels.index(isa)]) if isa else '')
 " 2>/dev/null)"
 
-echo "[stable_dfl] tests, CPU kernels at the level this machine uses"
-"$PYTHON" -m pytest -q -ra "$@"
-for level in $LEVELS; do
+# torch.compile's kernel cache, one per level: inductor reuses C++ it generated for one
+# ATEN_CPU_CAPABILITY under another, where it does not compile.
+echo "[stable_dfl] tests, CPU kernels at the level this machine uses ($IN_USE)"
+TORCHINDUCTOR_CACHE_DIR="$ROOT/build/inductor-cache/$IN_USE" "$PYTHON" -m pytest -q -ra "$@"
+for level in $LOWER; do
   echo "[stable_dfl] CPU kernel tests under ATEN_CPU_CAPABILITY=$level"
-  ATEN_CPU_CAPABILITY="$level" "$PYTHON" -m pytest -q -ra -m "cpu_kernel and not soak" "$@"
+  ATEN_CPU_CAPABILITY="$level" TORCHINDUCTOR_CACHE_DIR="$ROOT/build/inductor-cache/$level" \
+    "$PYTHON" -m pytest -q -ra -m "cpu_kernel and not soak" "$@"
 done
