@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from stable_dfl.ops.reference import TARGET_MARGIN
+
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 N_BINS = 16
@@ -38,7 +40,7 @@ def ultralytics_style_dfl(
 ) -> torch.Tensor:
     """ultralytics.utils.loss.DFLoss as its bbox loss calls it (fp32 math, as under its AMP)."""
     pred_dist = pred.view(-1, N_BINS).float()
-    target = target.clamp(0, N_BINS - 1 - 0.01)
+    target = target.clamp(0, N_BINS - 1 - TARGET_MARGIN)
     tl = target.long()
     tr = tl + 1
     wl = tr - target

@@ -1,6 +1,6 @@
 """Before/after experiment of the stage-2 gradient fix, with an ablation of each fix.
 
-Configurations (GRADIENT_FIX_QUICKSTART.md, "Key Hyperparameter Changes"):
+Configurations (docs/GRADIENT_FIX_QUICKSTART.md, "Key Hyperparameter Changes"):
 
 * ``old``: lr 1e-4, weight decay 0.05, DFL weight 1.0, clip 5.0, naive DFL (plain
   ``log(softmax)`` in the autocast dtype, no floor, no cap), PyTorch's default head init,

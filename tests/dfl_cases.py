@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from stable_dfl.ops.reference import dfl_reference
+from stable_dfl.ops.reference import TARGET_MARGIN, dfl_reference
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -48,7 +48,7 @@ def eager_low_precision(
     x = pred.detach().clone().requires_grad_()
     n_bins = x.shape[-1]
     # Targets stay fp32 (in bf16 the clamp limit n_bins - 1.01 rounds up to n_bins - 1).
-    t = target.float().clamp(0, n_bins - 1 - 0.01)
+    t = target.float().clamp(0, n_bins - 1 - TARGET_MARGIN)
     left = t.floor()
     w_left, w_right = left + 1 - t, t - left
     log_p = torch.softmax(x, -1).clamp(min=eps).log()

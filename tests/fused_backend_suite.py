@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from stable_dfl import StableDFLLoss, stable_dfl_loss
+from stable_dfl.ops.reference import TARGET_MARGIN
 
 from .dfl_cases import (
     assert_close_to_reference,
@@ -76,14 +77,15 @@ def test_bin_counts_up_to_the_limit(backend, device, n_bins):
 @pytest.mark.parametrize("n_bins", [16, 17])
 def test_targets_on_bin_edges_and_clamp_limits(backend, device, dtype, n_bins):
     last = n_bins - 1
-    values = [0.0, 1.0, 7.0, last - 1, last - 0.01, last, last + 0.5, -0.0, -0.5, -3.0, 100.0, 0.01]
+    limit = last - TARGET_MARGIN  # the upper clamp of the target
+    values = [0.0, 1.0, 7.0, last - 1, limit, last, last + 0.5, -0.0, -0.5, -3.0, 100.0, 0.01]
     target = torch.tensor(values, dtype=torch.float64, device=device)
     pred, _, weight = random_case(target.numel(), n_bins, dtype, weighted=True, device=device)
     loss, grad = run_backend(backend, pred, target, weight)
     assert_close_to_reference(loss, grad, pred, target, weight)
     # Targets beyond the range are clamped: -3 behaves like 0, 100 like n_bins - 1.01.
     row = pred[:1].repeat(4, 1)
-    edges = torch.tensor([-3.0, 0.0, 100.0, last - 0.01], device=device)
+    edges = torch.tensor([-3.0, 0.0, 100.0, limit], device=device)
     clamped, _ = run_backend(backend, row, edges)
     assert clamped[0] == clamped[1] and clamped[2] == clamped[3]
 

@@ -11,6 +11,7 @@ from stable_dfl.models import (
     make_anchors,
 )
 from stable_dfl.models.boxes import aligned_iou, batched_nms, box_iou, boxes_to_distances, nms
+from stable_dfl.ops.reference import TARGET_MARGIN
 
 N_BINS = 16
 
@@ -46,7 +47,7 @@ def _perfect_output(gt_box: torch.Tensor, num_classes: int = 2) -> DetectorOutpu
     """Box logits whose two-bin distributions decode exactly to ``gt_box`` at every anchor."""
     points, strides = make_anchors([(8, 8), (4, 4), (2, 2)], (8, 16, 32), "cpu", torch.float32)
     target = boxes_to_distances(
-        gt_box.expand(len(points), 4) / strides, points / strides, N_BINS - 1 - 0.01
+        gt_box.expand(len(points), 4) / strides, points / strides, N_BINS - 1 - TARGET_MARGIN
     )
     left = target.floor()
     weight_right = target - left

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..loss import StableDFLLoss
+from ..ops.reference import TARGET_MARGIN
 from .assigner import TaskAlignedAssigner
 from .boxes import aligned_iou, boxes_to_distances, distances_to_boxes
 from .dual_head import DetectorOutput, expected_distances
@@ -143,7 +144,9 @@ class DetectionLoss(nn.Module):
         iou_loss = ((1.0 - ious) * anchor_weight).sum() / weight_sum
 
         dfl_targets = boxes_to_distances(
-            assignment.target_boxes / strides, anchor_points / strides, self.n_bins - 1 - 0.01
+            assignment.target_boxes / strides,
+            anchor_points / strides,
+            self.n_bins - 1 - TARGET_MARGIN,
         )
         dfl_loss = self.dfl(
             box_logits,

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops.reference import TARGET_MARGIN
+
 
 def naive_dfl_loss(
     pred: torch.Tensor,
@@ -27,7 +29,7 @@ def naive_dfl_loss(
     loss's ``'mean'``: the weighted sum over masked-in elements divided by ``avg_factor``,
     else by their number."""
     logits = pred.reshape(*target.shape, n_bins)
-    target = target.float().clamp(0, n_bins - 1 - 0.01)
+    target = target.float().clamp(0, n_bins - 1 - TARGET_MARGIN)
     if mask is not None:
         # Index the foreground first, as the frameworks do: a masked-out row whose log(0)
         # is -inf would otherwise put 0 * inf = NaN into the gradient through torch.where.

@@ -27,14 +27,11 @@ from collections.abc import Iterable
 import torch
 
 from . import _library
+from .reference import compute_dtype
 
 GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 GRAD_NORM_OP = "grad_sumsq_nonfinite"
 SumsqResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def grad_sumsq_nonfinite_reference(
@@ -47,7 +44,7 @@ def grad_sumsq_nonfinite_reference(
     for grad in grads:
         values = grad
         if inv_scale is not None:
-            opmath = _opmath_dtype(grad.dtype)
+            opmath = compute_dtype(grad.dtype)
             values = (grad.to(opmath) * inv_scale.reshape(()).to(opmath)).to(grad.dtype)
             if in_place:
                 grad.copy_(values)

@@ -1,4 +1,4 @@
-"""The seed's success criteria (GRADIENT_FIX_QUICKSTART.md), made exact.
+"""The seed's success criteria (docs/GRADIENT_FIX_QUICKSTART.md), made exact.
 
 The seed asks, after 50 batches: no NaN/Inf warnings, no skipped steps, ``dfl_loss`` in
 2-5, gradient norms below 0.5. Taken literally the last one is empty: with

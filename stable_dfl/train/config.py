@@ -16,7 +16,7 @@ def _option(default: Any, help: str, **argparse_kwargs: Any) -> Any:
 
 @dataclass
 class TrainConfig:
-    """Defaults are the stage-2 recipe (GRADIENT_FIX_QUICKSTART.md) on the built-in data,
+    """Defaults are the stage-2 recipe (docs/GRADIENT_FIX_QUICKSTART.md) on the built-in data,
     sized to finish in a few minutes on a 2-core CPU."""
 
     # Optimisation (stage-2 values).
