@@ -215,3 +215,15 @@ def test_torch_compile_fullgraph_matches_eager(backend):
     (g_eager,) = torch.autograd.grad(eager_loss, pred)
     (g_compiled,) = torch.autograd.grad(compiled_loss, pred)
     torch.testing.assert_close(g_compiled, g_eager)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gradients_flow_to_pred_only(backend: str, reduction: str):
+    pred = torch.randn(6, 16, requires_grad=True)
+    target = (torch.rand(6) * 14).requires_grad_()
+    weight = torch.rand(6).requires_grad_()
+    loss = stable_dfl_loss(pred, target, weight, reduction=reduction, backend=backend)
+    loss.sum().backward()
+    assert pred.grad is not None and torch.isfinite(pred.grad).all()
+    assert target.grad is None and weight.grad is None

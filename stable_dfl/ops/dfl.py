@@ -96,7 +96,10 @@ def dfl_rows(
     in fp32 (fp64 for fp64 logits). Differentiable with respect to ``pred``.
     """
     if backend == "reference":
-        loss = dfl_reference(pred, target, weight, eps)
+        # Gradients flow to pred only, as from the compiled kernels: target and weight are
+        # constants of the loss (ultralytics and mmdetection detach them too).
+        constant_weight = None if weight is None else weight.detach()
+        loss = dfl_reference(pred, target.detach(), constant_weight, eps)
         return loss.sum() if reduce_sum else loss
     need_grad = torch.is_grad_enabled() and pred.requires_grad
     op = _triton_op() if backend == "triton" else torch.ops.stable_dfl.dfl_forward
