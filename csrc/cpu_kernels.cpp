@@ -21,7 +21,9 @@ constexpr int kNumLevels = sizeof(kLevels) / sizeof(kLevels[0]);
 bool cpu_runs(int level) {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  // Every flag the level's library is compiled with (setup.py), F16C included.
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
   if (level == 1) return avx2;
   if (level == 2) {
     return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&

@@ -41,9 +41,7 @@ PY="$OUT/venv/bin/python"
 cd "$OUT"
 LEVELS="$("$PY" -c "
 from stable_dfl.ops import _library
-levels = ('default', 'avx2', 'avx512')
-isa = _library.cpu_kernel_isa()
-print(' '.join(levels[:levels.index(isa) + 1]) if isa else 'none')
+print(' '.join(_library.runnable_cpu_levels()) or 'none')
 ")"
 if [ "$LEVELS" = "none" ]; then
   echo "[stable_dfl] FAIL: the installed wheel's extension does not load"

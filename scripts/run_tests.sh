@@ -16,9 +16,8 @@ PYTHON="$VENV/bin/python"
 # The level in use now, as the loaded kernels report it, and the levels below it.
 read -r IN_USE LOWER <<<"$("$PYTHON" -c "
 from stable_dfl.ops import _library
-levels = ('default', 'avx2', 'avx512')
-isa = _library.cpu_kernel_isa()
-print(isa or 'none', ' '.join(levels[:levels.index(isa)]) if isa else '')
+levels = _library.runnable_cpu_levels()
+print(levels[-1] if levels else 'none', ' '.join(levels[:-1]))
 " 2>/dev/null)"
 
 # torch.compile's kernel cache, one per level: inductor reuses C++ it generated for one

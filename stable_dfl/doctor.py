@@ -236,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     checks = run_checks()
     ok = all(check.ok for check in checks)
+    summary = installation()
     if args.json:
-        summary = installation()
         document = {
             "ok": ok,
             "versions": {
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(document, indent=2))
     else:
         print(f"stable_dfl {__version__}, torch {torch.__version__}")
-        print(f"  CPU kernels {cpu_kernel_line(installation())}")
+        print(f"  CPU kernels {cpu_kernel_line(summary)}")
         for availability in backend_availability():
             state = "usable" if availability.usable else f"not usable: {availability.reason}"
             print(f"  backend {availability.backend:>9} on {availability.device:<4} {state}")

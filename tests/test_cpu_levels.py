@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(
     _library.EXTENSION_ERROR is not None, reason=f"stable_dfl._C: {_library.EXTENSION_ERROR}"
 )
 
-LEVELS = ("default", "avx2", "avx512")
+LEVELS = _library.CPU_LEVELS
 IS_X86 = platform.machine().lower() in ("x86_64", "amd64")
 PACKAGE_DIR = Path(stable_dfl.__file__).parent
 
@@ -30,20 +30,16 @@ PACKAGE_DIR = Path(stable_dfl.__file__).parent
 def machine_levels() -> list[str]:
     """The levels this machine runs: up to the one in use without ATEN_CPU_CAPABILITY."""
     env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    code = "from stable_dfl.ops import _library; print(' '.join(_library.runnable_cpu_levels()))"
     out = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from stable_dfl.ops import _library; print(_library.cpu_kernel_isa())",
-        ],
+        [sys.executable, "-c", code],
         capture_output=True,
         text=True,
         env=env,
         timeout=120,
         check=True,
     )
-    top = out.stdout.strip().splitlines()[-1]
-    return list(LEVELS[: LEVELS.index(top) + 1])
+    return out.stdout.strip().splitlines()[-1].split()
 
 
 def info_json(level: str | None, pythonpath: Path | None = None) -> dict:

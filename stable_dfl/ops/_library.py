@@ -14,6 +14,8 @@ import warnings
 import torch
 
 BACKENDS = ("cpu", "cuda", "triton", "reference")
+#: The SIMD levels of the compiled CPU kernels, lowest first (csrc/cpu_kernels.cpp).
+CPU_LEVELS = ("default", "avx2", "avx512")
 
 
 def _build_mismatch() -> str | None:
@@ -92,6 +94,13 @@ def cpu_kernel_isas() -> tuple[str, ...]:
     from stable_dfl import _C
 
     return _C.cpu_kernel_isas()
+
+
+def runnable_cpu_levels() -> tuple[str, ...]:
+    """The levels up to the one in use, lowest first: those ``ATEN_CPU_CAPABILITY`` can force
+    in this process's environment; () without the extension."""
+    isa = cpu_kernel_isa()
+    return () if isa is None else CPU_LEVELS[: CPU_LEVELS.index(isa) + 1]
 
 
 def compiled_cpu_available(op: str = "dfl_forward") -> bool:
