@@ -85,9 +85,9 @@ def unavailable_reason(provider: str, device: torch.device) -> str | None:
     """Why a provider cannot run on this device, or None."""
     if provider not in BACKEND_OF:
         return None
-    from stable_dfl.ops import _library
+    from stable_dfl.ops import backends
 
-    return _library.unavailable_reason(BACKEND_OF[provider], device)
+    return backends.unavailable_reason(BACKEND_OF[provider], device)
 
 
 def make_inputs(n_rows: int, dtype: torch.dtype, device: torch.device):

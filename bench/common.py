@@ -96,9 +96,9 @@ def cpu_model() -> str:
 def cpu_description() -> str:
     """The CPU, the number of threads torch uses and the SIMD level of stable_dfl's CPU kernels,
     e.g. ``"<model>, 2 threads, avx2 kernels"``."""
-    from stable_dfl.ops import _library
+    from stable_dfl.ops import backends
 
-    level = _library.cpu_kernel_isa() or "no compiled"
+    level = backends.cpu_kernel_isa() or "no compiled"
     return f"{cpu_model()}, {torch.get_num_threads()} threads, {level} kernels"
 
 

@@ -40,8 +40,8 @@ PY="$OUT/venv/bin/python"
 # Away from the source tree, so that only the installed wheel can be imported.
 cd "$OUT"
 LEVELS="$("$PY" -c "
-from stable_dfl.ops import _library
-print(' '.join(_library.runnable_cpu_levels()) or 'none')
+from stable_dfl.ops import backends
+print(' '.join(backends.runnable_cpu_levels()) or 'none')
 ")"
 if [ "$LEVELS" = "none" ]; then
   echo "[stable_dfl] FAIL: the installed wheel's extension does not load"

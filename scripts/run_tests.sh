@@ -15,8 +15,8 @@ PYTHON="$VENV/bin/python"
 
 # The level in use now, as the loaded kernels report it, and the levels below it.
 read -r IN_USE LOWER <<<"$("$PYTHON" -c "
-from stable_dfl.ops import _library
-levels = _library.runnable_cpu_levels()
+from stable_dfl.ops import backends
+levels = backends.runnable_cpu_levels()
 print(levels[-1] if levels else 'none', ' '.join(levels[:-1]))
 " 2>/dev/null)"
 

@@ -44,7 +44,7 @@ import torch
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     from stable_dfl import _build_info
-    from stable_dfl.ops import _library
+    from stable_dfl.ops import backends
     import stable_dfl
 
 expected = (
@@ -53,7 +53,7 @@ expected = (
 )
 if _build_info.TORCH_VERSION == torch.__version__:
     raise SystemExit("the main tree's build is for this same torch: nothing to check")
-assert _library.EXTENSION_ERROR == expected, _library.EXTENSION_ERROR
+assert backends.extension_error() == expected, backends.extension_error()
 assert any(expected in str(w.message) for w in caught), [str(w.message) for w in caught]
 loss = stable_dfl.StableDFLLoss()
 value = loss(torch.zeros(4, 16), torch.full((4,), 7.5))

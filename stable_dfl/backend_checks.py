@@ -13,7 +13,7 @@ import torch
 
 from . import __version__
 from .loss import stable_dfl_loss
-from .ops import _library
+from .ops import backends
 from .ops.reference import dfl_reference
 
 #: Max abs difference from the float64 reference that counts as agreement (fp32 kernels).
@@ -44,9 +44,9 @@ def devices() -> list[torch.device]:
 
 def backend_availability() -> list[BackendAvailability]:
     return [
-        BackendAvailability(backend, device.type, _library.unavailable_reason(backend, device))
+        BackendAvailability(backend, device.type, backends.unavailable_reason(backend, device))
         for device in devices()
-        for backend in _library.BACKENDS
+        for backend in backends.BACKENDS
     ]
 
 
@@ -95,7 +95,7 @@ def agrees(errors: dict[str, float]) -> bool:
 def installation() -> dict[str, Any]:
     """Versions, the compiled extension and the CPU kernel levels, as ``info`` and ``doctor``
     report them (JSON-ready)."""
-    triton_error = _library.triton_import_error()
+    triton_error = backends.triton_import_error()
     triton_version = None
     if triton_error is None:
         import triton
@@ -112,14 +112,14 @@ def installation() -> dict[str, Any]:
         },
         "gpu": torch.cuda.is_available(),
         "extension": {
-            "loaded": _library.EXTENSION_ERROR is None,
-            "error": _library.EXTENSION_ERROR,
-            "with_cuda": _library.compiled_cuda_available(),
+            "loaded": backends.extension_error() is None,
+            "error": backends.extension_error(),
+            "with_cuda": backends.compiled_available("cuda"),
         },
         "triton_error": triton_error,
         "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_kernel_isa": _library.cpu_kernel_isa(),
-        "cpu_kernel_isas": list(_library.cpu_kernel_isas()),
+        "cpu_kernel_isa": backends.cpu_kernel_isa(),
+        "cpu_kernel_isas": list(backends.cpu_kernel_isas()),
     }
 
 

@@ -43,7 +43,8 @@ from .backend_checks import (
     installation,
 )
 from .loss import stable_dfl_loss
-from .ops import _library
+from .ops import backends
+from .ops.reference import DEFAULT_EPS, DEFAULT_MAX_LOSS
 
 #: ``|initial DFL - log(n_bins)|`` allowed, as a fraction of ``log(n_bins)``.
 HEAD_INIT_DFL_TOLERANCE = 0.02
@@ -64,10 +65,10 @@ class DoctorCheck:
 
 
 def check_extension() -> DoctorCheck:
-    error = _library.EXTENSION_ERROR
+    error = backends.extension_error()
     summary = installation()
     detail = (
-        f"built {'with' if _library.compiled_cuda_available() else 'without'} CUDA kernels; "
+        f"built {'with' if backends.compiled_available('cuda') else 'without'} CUDA kernels; "
         f"CPU kernels {cpu_kernel_line(summary)}"
         if error is None
         else f"not loaded: {error}"
@@ -94,7 +95,9 @@ def check_agreement() -> list[DoctorCheck]:
     return checks
 
 
-def check_dfl_clamps(n_bins: int = 16, eps: float = 1e-6, max_loss: float = 15.0) -> DoctorCheck:
+def check_dfl_clamps(
+    n_bins: int = 16, eps: float = DEFAULT_EPS, max_loss: float = DEFAULT_MAX_LOSS
+) -> DoctorCheck:
     values: dict[str, Any] = {}
     ok = True
     element_bound = -math.log(eps)
@@ -104,8 +107,9 @@ def check_dfl_clamps(n_bins: int = 16, eps: float = 1e-6, max_loss: float = 15.0
         pred = torch.full((rows, n_bins), magnitude)
         pred[:, 3:5] = -magnitude
         pred = pred.to(dtype).requires_grad_()
-        per_element = stable_dfl_loss(pred, target, n_bins=n_bins, reduction="none")
-        weighted = stable_dfl_loss(pred, target, torch.full((rows,), 10.0), n_bins=n_bins)
+        clamps = {"n_bins": n_bins, "eps": eps, "max_loss": max_loss}
+        per_element = stable_dfl_loss(pred, target, reduction="none", **clamps)
+        weighted = stable_dfl_loss(pred, target, torch.full((rows,), 10.0), **clamps)
         (grad,) = torch.autograd.grad(weighted, pred)
         name = str(dtype).removeprefix("torch.")
         values[name] = {

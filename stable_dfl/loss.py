@@ -13,13 +13,12 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .ops.backends import BACKEND_CHOICES, BackendName
 from .ops.dfl import dfl_rows, resolve_backend
 from .ops.reference import DEFAULT_EPS, DEFAULT_MAX_LOSS, MAX_BINS, compute_dtype
 
 Reduction = Literal["none", "mean", "sum"]
-Backend = Literal["auto", "cpu", "cuda", "triton", "reference"]
 REDUCTIONS = ("none", "mean", "sum")
-BACKEND_NAMES = ("auto", "cpu", "cuda", "triton", "reference")
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -105,7 +104,7 @@ def stable_dfl_loss(
     max_loss: float | None = DEFAULT_MAX_LOSS,
     reduction: Reduction = "mean",
     loss_weight: float = 1.0,
-    backend: Backend = "auto",
+    backend: BackendName = "auto",
 ) -> torch.Tensor:
     """Numerically stable Distribution Focal Loss; see :class:`StableDFLLoss`."""
     loss, _ = _stable_dfl_loss(
@@ -128,8 +127,8 @@ def _stable_dfl_loss(
     pred, target, weight, avg_factor, mask, n_bins, eps, max_loss, reduction, loss_weight, backend
 ) -> tuple[torch.Tensor, str]:
     _check_args(pred, target, n_bins, eps, max_loss, reduction)
-    if backend not in BACKEND_NAMES:
-        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
     rows = _rows(pred, target, n_bins)
     dtype = compute_dtype(pred.dtype)
     flat_target = target.reshape(-1).to(dtype)
@@ -209,14 +208,14 @@ class StableDFLLoss(nn.Module):
         max_loss: float | None = DEFAULT_MAX_LOSS,
         reduction: Reduction = "mean",
         loss_weight: float = 1.0,
-        backend: Backend = "auto",
+        backend: BackendName = "auto",
     ) -> None:
         super().__init__()
         if isinstance(n_bins, bool) or not isinstance(n_bins, numbers.Integral):
             raise TypeError(f"n_bins must be an int, got {type(n_bins).__name__}")
         _check_args(torch.empty(0, n_bins), torch.empty(0), n_bins, eps, max_loss, reduction)
-        if backend not in BACKEND_NAMES:
-            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+        if backend not in BACKEND_CHOICES:
+            raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
         self.n_bins = n_bins
         self.eps = eps
         self.max_loss = max_loss

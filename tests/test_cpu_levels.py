@@ -16,13 +16,13 @@ import pytest
 import torch
 
 import stable_dfl
-from stable_dfl.ops import _library
+from stable_dfl.ops import backends
 
 pytestmark = pytest.mark.skipif(
-    _library.EXTENSION_ERROR is not None, reason=f"stable_dfl._C: {_library.EXTENSION_ERROR}"
+    backends.extension_error() is not None, reason=f"stable_dfl._C: {backends.extension_error()}"
 )
 
-LEVELS = _library.CPU_LEVELS
+LEVELS = backends.CPU_LEVELS
 IS_X86 = platform.machine().lower() in ("x86_64", "amd64")
 PACKAGE_DIR = Path(stable_dfl.__file__).parent
 
@@ -30,7 +30,7 @@ PACKAGE_DIR = Path(stable_dfl.__file__).parent
 def machine_levels() -> list[str]:
     """The levels this machine runs: up to the one in use without ATEN_CPU_CAPABILITY."""
     env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
-    code = "from stable_dfl.ops import _library; print(' '.join(_library.runnable_cpu_levels()))"
+    code = "from stable_dfl.ops import backends; print(' '.join(backends.runnable_cpu_levels()))"
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -67,8 +67,8 @@ def test_every_level_built_is_installed_and_reported():
     assert "default" in _build_info.CPU_ISAS
     if not IS_X86:
         assert _build_info.CPU_ISAS == ("default",)
-    assert _library.cpu_kernel_isas() == _build_info.CPU_ISAS
-    assert _library.cpu_kernel_isa() in _build_info.CPU_ISAS
+    assert backends.cpu_kernel_isas() == _build_info.CPU_ISAS
+    assert backends.cpu_kernel_isa() in _build_info.CPU_ISAS
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -94,7 +94,7 @@ def test_info_json_names_versions_backends_and_levels():
     assert info["versions"]["torch"] == torch.__version__
     assert info["versions"]["stable_dfl"] == stable_dfl.__version__
     assert info["cpu_kernel_isa"] == machine_levels()[-1]
-    assert info["cpu_kernel_isas"] == list(_library.cpu_kernel_isas())
+    assert info["cpu_kernel_isas"] == list(backends.cpu_kernel_isas())
     assert {row["backend"] for row in info["backends"]} >= {"cpu", "reference"}
     assert info["ok"] is True
 

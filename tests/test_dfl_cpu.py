@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stable_dfl import stable_dfl_loss
-from stable_dfl.ops import _library
+from stable_dfl.ops import backends
 
 from .dfl_cases import assert_close_to_reference, expected, random_case
 from .fused_backend_suite import *  # noqa: F403  (the shared tests, run here with the fixtures below)
@@ -16,8 +16,8 @@ from .fused_backend_suite import run_backend
 pytestmark = [
     pytest.mark.cpu_kernel,
     pytest.mark.skipif(
-        not _library.compiled_cpu_available(),
-        reason=f"stable_dfl._C not loaded: {_library.EXTENSION_ERROR}",
+        not backends.compiled_available("cpu"),
+        reason=f"stable_dfl._C not loaded: {backends.extension_error()}",
     ),
 ]
 

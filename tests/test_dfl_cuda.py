@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stable_dfl import BackendUnavailableError, resolve_backend, stable_dfl_loss
-from stable_dfl.ops import _library
+from stable_dfl.ops import backends
 
 from .dfl_cases import assert_close_to_reference, expected, random_case
 from .fused_backend_suite import *  # noqa: F403  (the shared tests, run here with the fixtures below)
@@ -19,11 +19,11 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 needs_cuda_build = pytest.mark.skipif(
-    not _library.compiled_cuda_available(),
+    not backends.compiled_available("cuda"),
     reason="stable_dfl._C was built without its CUDA kernels",
 )
 needs_triton = pytest.mark.skipif(
-    _library.triton_import_error() is not None, reason=str(_library.triton_import_error())
+    backends.triton_import_error() is not None, reason=str(backends.triton_import_error())
 )
 GPU_BACKENDS = [
     pytest.param("cuda", marks=needs_cuda_build),
@@ -33,7 +33,7 @@ GPU_BACKENDS = [
 
 @pytest.fixture
 def backend() -> str:
-    if not _library.compiled_cuda_available():
+    if not backends.compiled_available("cuda"):
         pytest.skip("stable_dfl._C was built without its CUDA kernels")
     return "cuda"
 
@@ -44,11 +44,7 @@ def device() -> str:
 
 
 def _op(backend: str):
-    if backend == "cuda":
-        return torch.ops.stable_dfl.dfl_forward
-    from stable_dfl.ops import triton_dfl
-
-    return triton_dfl.dfl_forward_triton
+    return backends.op(backend, backends.DFL_FORWARD)
 
 
 @pytest.mark.parametrize("gpu_backend", GPU_BACKENDS)
@@ -158,9 +154,9 @@ def test_cuda_op_rejects_bad_arguments():
 
 def test_auto_prefers_compiled_cuda_then_triton():
     chosen = resolve_backend("auto", torch.device("cuda"))
-    if _library.compiled_cuda_available():
+    if backends.compiled_available("cuda"):
         assert chosen == "cuda"
-    elif _library.triton_import_error() is None:
+    elif backends.triton_import_error() is None:
         assert chosen == "triton"
     else:
         assert chosen == "reference"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from stable_dfl import BackendUnavailableError, resolve_backend, stable_dfl_loss
-from stable_dfl.ops import _library
+from stable_dfl.ops import backends
 
 from .dfl_cases import random_case
 from .fused_backend_suite import *  # noqa: F403  (the shared tests, run here with the fixtures below)
@@ -21,7 +21,7 @@ pytestmark = [
     # NaN) arithmetic in numpy, which warns about it.
     pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"),
     pytest.mark.skipif(
-        _library.triton_import_error() is not None, reason=str(_library.triton_import_error())
+        backends.triton_import_error() is not None, reason=str(backends.triton_import_error())
     ),
 ]
 
@@ -39,9 +39,7 @@ def device() -> str:
 
 
 def _triton_op():
-    from stable_dfl.ops import triton_dfl
-
-    return triton_dfl.dfl_forward_triton
+    return backends.op("triton", backends.DFL_FORWARD)
 
 
 @pytest.mark.parametrize("reduce_sum", [True, False])

@@ -51,7 +51,11 @@ def test_clamp_check_detects_an_unclamped_loss(monkeypatch):
     from stable_dfl import stable_dfl_loss
 
     def unclamped(*args, **kwargs):
-        return stable_dfl_loss(*args, **kwargs, eps=0.0, max_loss=None)
+        return stable_dfl_loss(*args, **{**kwargs, "eps": 0.0, "max_loss": None})
 
     monkeypatch.setattr(doctor, "stable_dfl_loss", unclamped)
     assert doctor.check_dfl_clamps().ok is False
+
+
+def test_clamp_check_runs_the_loss_with_the_clamps_it_is_given():
+    assert doctor.check_dfl_clamps(max_loss=10.0, eps=1e-4).ok

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stable_dfl import grad_norm_and_nonfinite, stable_dfl_loss
-from stable_dfl.ops import grad_norm, unavailable_reason
+from stable_dfl.ops import unavailable_reason
+from stable_dfl.ops.backends import GRAD_SUMSQ
 from stable_dfl.ops.reference import DEFAULT_EPS
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -185,8 +186,8 @@ GUARD_BACKENDS = [
     pytest.param(
         name,
         marks=pytest.mark.skipif(
-            grad_norm.unavailable_reason(name, torch.device("cpu")) is not None,
-            reason=str(grad_norm.unavailable_reason(name, torch.device("cpu"))),
+            unavailable_reason(name, torch.device("cpu"), GRAD_SUMSQ) is not None,
+            reason=str(unavailable_reason(name, torch.device("cpu"), GRAD_SUMSQ)),
         ),
     )
     for name in ("cpu", "reference")

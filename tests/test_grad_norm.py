@@ -8,24 +8,22 @@ import pytest
 import torch
 
 from stable_dfl import grad_norm_and_nonfinite
-from stable_dfl.ops import _library
-from stable_dfl.ops.grad_norm import (
-    GRAD_NORM_OP,
-    grad_sumsq_nonfinite,
-    grad_sumsq_nonfinite_reference,
-    unavailable_reason,
-)
+from stable_dfl.ops import backends
+from stable_dfl.ops.grad_norm import grad_sumsq_nonfinite, grad_sumsq_nonfinite_reference
 
 from .conftest import needs_cuda
 
 CPU = torch.device("cpu")
-BACKENDS_HERE = [b for b in ("cpu", "triton", "reference") if unavailable_reason(b, CPU) is None]
+BACKENDS_HERE = [
+    b for b in backends.BACKENDS if backends.unavailable_reason(b, CPU, backends.GRAD_SUMSQ) is None
+]
 
 
 def needs_compiled_cpu(test):
     """Runs the compiled CPU kernel: skipped without it, and rerun under each CPU level."""
     skip = pytest.mark.skipif(
-        not _library.compiled_cpu_available(GRAD_NORM_OP), reason="stable_dfl._C not built"
+        not backends.compiled_available("cpu", backends.GRAD_SUMSQ),
+        reason="stable_dfl._C not built",
     )
     return pytest.mark.cpu_kernel(skip(test))
 
@@ -205,7 +203,7 @@ def test_bad_inputs_raise_clear_errors() -> None:
         grad_sumsq_nonfinite([torch.randn(2)], in_place=True)
     with pytest.raises(ValueError, match="one element"):
         grad_norm_and_nonfinite([torch.randn(2)], torch.ones(2))
-    with pytest.raises(_library.BackendUnavailableError, match="cuda"):
+    with pytest.raises(backends.BackendUnavailableError, match="cuda"):
         grad_norm_and_nonfinite([torch.randn(2)], backend="cuda")
 
 
@@ -223,12 +221,11 @@ def test_compiled_op_checks_its_arguments() -> None:
 def opcheck_cases() -> list[tuple[object, tuple]]:
     grads = [torch.randn(5), torch.randn(3, 4).half(), torch.randn(7).bfloat16(), torch.empty(0)]
     inv_scale = torch.tensor([0.5])
-    ops = torch.ops.stable_dfl
-    pairs = []  # (read-only op, in-place op)
-    if "triton" in BACKENDS_HERE:
-        pairs.append((ops.grad_sumsq_nonfinite_triton, ops.unscale_grad_sumsq_nonfinite_triton_))
-    if "cpu" in BACKENDS_HERE:
-        pairs.append((ops.grad_sumsq_nonfinite, ops.unscale_grad_sumsq_nonfinite_))
+    pairs = [  # (read-only op, in-place op)
+        (backends.op(b, backends.GRAD_SUMSQ), backends.op(b, backends.UNSCALE_GRAD_SUMSQ))
+        for b in BACKENDS_HERE
+        if b != "reference"
+    ]
     cases = []
     for read_only, in_place in pairs:
         cases.append((read_only.default, (grads, None)))
@@ -268,7 +265,7 @@ def test_usable_under_torch_compile() -> None:
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_cuda_backends_match_reference(backend: str) -> None:
-    reason = unavailable_reason(backend, torch.device("cuda"))
+    reason = backends.unavailable_reason(backend, torch.device("cuda"), backends.GRAD_SUMSQ)
     if reason is not None:
         pytest.skip(reason)
     grads = [g.cuda() for g in random_grads(7, n=30, max_numel=300_000)]

@@ -11,12 +11,14 @@ import torch
 from torch import nn
 
 from stable_dfl import GradGuard, GradGuardResult
-from stable_dfl.ops.grad_norm import unavailable_reason
+from stable_dfl.ops.backends import GRAD_SUMSQ, unavailable_reason
 
 from .conftest import needs_cuda
 
 BACKENDS_HERE = [
-    b for b in ("cpu", "triton", "reference") if unavailable_reason(b, torch.device("cpu")) is None
+    b
+    for b in ("cpu", "triton", "reference")
+    if unavailable_reason(b, torch.device("cpu"), GRAD_SUMSQ) is None
 ]
 
 

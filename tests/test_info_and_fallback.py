@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 import stable_dfl
-from stable_dfl.ops import _library
+from stable_dfl.ops import backends
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
@@ -24,7 +24,7 @@ def test_info_lists_backends_and_checks_agreement():
     assert out.returncode == 0, out.stdout + out.stderr
     assert "torch" in out.stdout
     assert "reference on cpu   OK" in out.stdout
-    if _library.compiled_cpu_available():
+    if backends.compiled_available("cpu"):
         assert "cpu on cpu   OK" in out.stdout
     assert "cuda on cpu   not usable" in out.stdout
 
@@ -64,9 +64,9 @@ def test_extension_built_for_another_torch_is_refused_in_one_line(tmp_path):
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"
         "    import torch, stable_dfl\n"
-        "    from stable_dfl.ops import _library\n"
-        "print(_library.EXTENSION_ERROR)\n"
-        "assert any(_library.EXTENSION_ERROR in str(w.message) for w in caught)\n"
+        "    from stable_dfl.ops import backends\n"
+        "print(backends.extension_error())\n"
+        "assert any(backends.extension_error() in str(w.message) for w in caught)\n"
         "loss = stable_dfl.StableDFLLoss()\n"
         "loss(torch.zeros(3, 16), torch.full((3,), 7.5))\n"
         "print(loss.last_backend)\n"

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from stable_dfl import BackendUnavailableError, StableDFLLoss, dfl_reference, stable_dfl_loss
-from stable_dfl.ops import _library, resolve_backend
+from stable_dfl.ops import backends, resolve_backend
 
-CPU_BACKENDS = ["reference"] + (["cpu"] if _library.compiled_cpu_available() else [])
+CPU_BACKENDS = ["reference"] + (["cpu"] if backends.compiled_available("cpu") else [])
 
 
 def box_case(n_anchors=50, n_bins=16):
@@ -119,7 +119,7 @@ def test_module_reports_the_backend_that_ran():
     pred, target = box_case()
     loss = StableDFLLoss(n_bins=16)
     loss(pred, target)
-    assert loss.last_backend == ("cpu" if _library.compiled_cpu_available() else "reference")
+    assert loss.last_backend == ("cpu" if backends.compiled_available("cpu") else "reference")
     assert resolve_backend("auto", torch.device("cpu")) == loss.last_backend
     assert "n_bins=16" in repr(loss)
 

@@ -26,11 +26,11 @@ from collections.abc import Iterable
 
 import torch
 
-from . import _library
+from . import backends
+from .backends import GRAD_SUMSQ, UNSCALE_GRAD_SUMSQ
 from .reference import compute_dtype
 
 GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-GRAD_NORM_OP = "grad_sumsq_nonfinite"
 SumsqResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -58,7 +58,29 @@ def grad_sumsq_nonfinite_reference(
     return sumsq, found, nonfinite
 
 
+def _check_grad(index: int, grad: torch.Tensor, device: torch.device) -> None:
+    torch._check_type(
+        grad.dtype in GRAD_DTYPES,
+        lambda: f"tensor {index} is {grad.dtype}; expected float32, float16, bfloat16 or float64",
+    )
+    torch._check_value(
+        grad.device == device, lambda: f"tensor {index} is on {grad.device}, tensor 0 on {device}"
+    )
+
+
 def _fake_grad_sumsq_nonfinite(grads, inv_scale=None) -> SumsqResult:
+    # The public entry point answers an empty list itself; the ops need one tensor.
+    torch._check_value(len(grads) > 0, lambda: "the gradient ops need at least one tensor")
+    for index, grad in enumerate(grads):
+        _check_grad(index, grad, grads[0].device)
+    if inv_scale is not None:
+        torch._check_value(
+            inv_scale.numel() == 1 and inv_scale.dtype == torch.float32,
+            lambda: (
+                "inv_scale must be one float32 element, got "
+                f"{inv_scale.dtype} of shape {tuple(inv_scale.shape)}"
+            ),
+        )
     return (
         grads[0].new_empty((), dtype=torch.float32),
         grads[0].new_empty((), dtype=torch.float32),
@@ -66,7 +88,7 @@ def _fake_grad_sumsq_nonfinite(grads, inv_scale=None) -> SumsqResult:
     )
 
 
-if _library.compiled_cpu_available(GRAD_NORM_OP):
+if backends.compiled_available("cpu", GRAD_SUMSQ):
     torch.library.register_fake("stable_dfl::grad_sumsq_nonfinite")(_fake_grad_sumsq_nonfinite)
     torch.library.register_fake("stable_dfl::unscale_grad_sumsq_nonfinite_")(
         _fake_grad_sumsq_nonfinite
@@ -116,11 +138,6 @@ _grad_sumsq_nonfinite_triton.register_fake(_fake_grad_sumsq_nonfinite)
 _unscale_grad_sumsq_nonfinite_triton.register_fake(_fake_grad_sumsq_nonfinite)
 
 
-def unavailable_reason(backend: str, device: torch.device) -> str | None:
-    """None when ``backend`` can run the gradient ops on ``device``, else why not."""
-    return _library.unavailable_reason(backend, device, GRAD_NORM_OP)
-
-
 # Availability is fixed for the process; under torch.compile the choice is a constant.
 @torch.compiler.assume_constant_result
 def resolve_grad_norm_backend(backend: str, device: torch.device) -> str:
@@ -128,7 +145,7 @@ def resolve_grad_norm_backend(backend: str, device: torch.device) -> str:
 
     Raises BackendUnavailableError, saying why, when an explicit backend cannot run.
     """
-    return _library.resolve_backend(backend, device, GRAD_NORM_OP)
+    return backends.resolve(backend, device, GRAD_SUMSQ)
 
 
 def _checked_grads(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -189,13 +206,7 @@ def grad_sumsq_nonfinite(
     chosen = resolve_grad_norm_backend(backend, device)
     if chosen == "reference":
         return grad_sumsq_nonfinite_reference(grads, scale, in_place)
-    if chosen == "triton":
-        if in_place:
-            return _unscale_grad_sumsq_nonfinite_triton(grads, scale)
-        return _grad_sumsq_nonfinite_triton(grads, scale)
-    if in_place:
-        return torch.ops.stable_dfl.unscale_grad_sumsq_nonfinite_(grads, scale)
-    return torch.ops.stable_dfl.grad_sumsq_nonfinite(grads, scale)
+    return backends.op(chosen, UNSCALE_GRAD_SUMSQ if in_place else GRAD_SUMSQ)(grads, scale)
 
 
 def grad_norm_and_nonfinite(

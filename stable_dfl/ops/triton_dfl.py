@@ -1,5 +1,5 @@
-"""Fused DFL in Triton: the ``dfl_forward`` op for CUDA tensors (and for CPU tensors
-under ``TRITON_INTERPRET=1``).
+"""Fused DFL in Triton: the kernel behind ``stable_dfl::dfl_forward_triton`` (:mod:`.dfl`), for
+CUDA tensors (and for CPU tensors under ``TRITON_INTERPRET=1``).
 
 One program handles a block of rows. Each row is padded to a power of two of bins
 with masking; logits are loaded in their dtype and the math runs in fp32 (fp64 for
@@ -17,11 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._library import triton_interpreter_enabled
-from .dfl import register_dfl_op
-from .reference import MAX_BINS, TARGET_MARGIN, compute_dtype
+from .backends import triton_interpreter_enabled
+from .reference import TARGET_MARGIN, compute_dtype
 
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Elements of logits per program on a GPU: enough rows per program for a memory-bound
 # kernel, few enough registers per thread at num_warps=4.
 _GPU_BLOCK_ELEMENTS = 2048
@@ -129,45 +127,7 @@ def _block_rows(block_bins: int) -> int:
     return budget // block_bins
 
 
-def _check_args(
-    pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, eps: float
-) -> None:
-    """The checks of csrc/dfl_checks.h, so that a direct call never reads out of bounds."""
-    if pred.dim() != 2:
-        raise ValueError(
-            f"stable_dfl::dfl_forward_triton: pred must be [N, n_bins], got {tuple(pred.shape)}"
-        )
-    if pred.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(
-            "stable_dfl::dfl_forward_triton: pred must be float16, bfloat16, float32 or float64, "
-            f"got {pred.dtype}"
-        )
-    if not 2 <= pred.shape[1] <= MAX_BINS:
-        raise ValueError(
-            f"stable_dfl::dfl_forward_triton: n_bins must be in [2, {MAX_BINS}], got {pred.shape[1]}"
-        )
-    for name, value in (("target", target), ("weight", weight)):
-        if value is None:
-            continue
-        if value.dim() != 1 or value.shape[0] != pred.shape[0]:
-            raise ValueError(
-                f"stable_dfl::dfl_forward_triton: {name} must be [N] with N = {pred.shape[0]}, "
-                f"got {tuple(value.shape)}"
-            )
-        if not value.is_floating_point():
-            raise TypeError(
-                f"stable_dfl::dfl_forward_triton: {name} must be floating point, got {value.dtype}"
-            )
-        if value.device != pred.device:
-            raise ValueError(
-                f"stable_dfl::dfl_forward_triton: {name} is on {value.device} but pred is on {pred.device}"
-            )
-    if not 0.0 <= eps < 1.0:
-        raise ValueError(f"stable_dfl::dfl_forward_triton: eps must be in [0, 1), got {eps}")
-
-
-@torch.library.custom_op("stable_dfl::dfl_forward_triton", mutates_args=())
-def dfl_forward_triton(
+def run_dfl_forward(
     pred: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None,
@@ -175,8 +135,10 @@ def dfl_forward_triton(
     reduce_sum: bool,
     need_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``stable_dfl::dfl_forward`` in Triton: same schema, same results (see csrc/ops.cpp)."""
-    _check_args(pred, target, weight, eps)
+    """``stable_dfl::dfl_forward`` in Triton: same arguments, same results (csrc/ops.cpp).
+
+    The arguments are checked by the op that calls it (``stable_dfl::dfl_forward_triton``).
+    """
     n_rows, n_bins = pred.shape
     dtype = compute_dtype(pred.dtype)
     target = target.to(dtype).contiguous()
@@ -220,6 +182,3 @@ def dfl_forward_triton(
         )
     loss = partial_sums.sum().to(dtype) if reduce_sum else row_loss
     return loss, grad.to(pred.dtype)
-
-
-register_dfl_op(dfl_forward_triton)

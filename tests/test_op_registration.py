@@ -1,0 +1,201 @@
+"""The backend table and the ops it hands out: one registration per op, fakes that check
+their arguments as the kernels do, and a package whose imports form no cycle."""
+
+from __future__ import annotations
+
+import ast
+import typing
+from pathlib import Path
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from stable_dfl.loss import BACKEND_CHOICES as LOSS_BACKEND_CHOICES
+from stable_dfl.ops import backends
+
+PACKAGE = Path(__file__).resolve().parents[1] / "stable_dfl"
+#: Modules that setup.py builds or writes into the package (absent in a bare checkout).
+BUILT_MODULES = ("_C", "_build_info")
+OP_BACKENDS = [name for name, backend in backends.BACKEND_TABLE.items() if backend.op_names]
+
+
+def test_every_op_backend_runs_every_op_family_and_the_names_agree():
+    assert backends.BACKENDS == ("cpu", "cuda", "triton", "reference")
+    assert typing.get_args(backends.BackendName) == backends.BACKEND_CHOICES
+    assert LOSS_BACKEND_CHOICES is backends.BACKEND_CHOICES
+    assert OP_BACKENDS == ["cpu", "cuda", "triton"]
+    for name in OP_BACKENDS:
+        assert set(backends.BACKEND_TABLE[name].op_names) == set(backends.OP_FAMILIES)
+
+
+def test_the_reference_runs_eager_code_not_an_op():
+    with pytest.raises(ValueError, match="eager code"):
+        backends.op("reference")
+
+
+@pytest.mark.parametrize("family", backends.OP_FAMILIES)
+def test_each_available_backend_hands_out_a_registered_op(family):
+    for name in OP_BACKENDS:
+        device = torch.device("cuda" if name == "cuda" else "cpu")
+        if backends.unavailable_reason(name, device, family) is not None:
+            continue
+        op = backends.op(name, family)
+        assert isinstance(op, torch._ops.OpOverloadPacket)
+        qualified = f"stable_dfl::{backends.BACKEND_TABLE[name].op_names[family]}"
+        assert op.default.name() == qualified
+
+
+def test_unknown_backend_and_op_family_are_named():
+    with pytest.raises(ValueError, match="'gpu'"):
+        backends.unavailable_reason("gpu", torch.device("cpu"))
+    with pytest.raises(ValueError, match="'dfl_backward'"):
+        backends.unavailable_reason("cpu", torch.device("cpu"), "dfl_backward")
+
+
+def _dfl_ops() -> list[str]:
+    names = ["dfl_forward_triton"]
+    if backends.compiled_available("cpu"):
+        names.append("dfl_forward")
+    return names
+
+
+@pytest.mark.parametrize("op_name", _dfl_ops())
+@pytest.mark.parametrize(
+    "make_args, error, message",
+    [
+        (lambda: (torch.randn(4, 16), torch.rand(3), None, 1e-6), ValueError, "target must be"),
+        (
+            lambda: (torch.randn(4, 16), torch.rand(4), torch.rand(5), 1e-6),
+            ValueError,
+            "weight must be",
+        ),
+        (lambda: (torch.randn(4, 1), torch.rand(4), None, 1e-6), ValueError, "n_bins must be"),
+        (lambda: (torch.randn(4, 16, 1), torch.rand(4), None, 1e-6), ValueError, "pred must be"),
+        (
+            lambda: (torch.randn(4, 16).int(), torch.rand(4), None, 1e-6),
+            TypeError,
+            "pred must be float16",
+        ),
+        (
+            lambda: (torch.randn(4, 16), torch.arange(4), None, 1e-6),
+            TypeError,
+            "target must be floating",
+        ),
+        (lambda: (torch.randn(4, 16), torch.rand(4), None, 1.0), ValueError, "eps must be"),
+    ],
+)
+def test_fake_kernels_check_arguments_as_the_kernels_do(op_name, make_args, error, message):
+    op = getattr(torch.ops.stable_dfl, op_name)
+    with FakeTensorMode() as mode:
+        pred, target, weight, eps = (
+            mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in make_args()
+        )
+        with pytest.raises(error, match=f"stable_dfl::{op_name}: {message}"):
+            op(pred, target, weight, eps, True, True)
+    # The eager call says the same.
+    with pytest.raises(error, match=f"stable_dfl::{op_name}: {message}"):
+        op(*make_args(), True, True)
+
+
+@pytest.mark.skipif(not backends.compiled_available("cpu"), reason="stable_dfl._C not loaded")
+def test_fake_backward_checks_the_incoming_gradient_shape():
+    with FakeTensorMode() as mode:
+        grad = mode.from_tensor(torch.randn(4, 16))
+        with pytest.raises(ValueError, match="grad_loss must be 0-dim or \\[N\\] with N = 4"):
+            torch.ops.stable_dfl.dfl_backward(grad, mode.from_tensor(torch.ones(3)))
+        assert torch.ops.stable_dfl.dfl_backward(grad, mode.from_tensor(torch.ones(4))).shape == (
+            4,
+            16,
+        )
+
+
+@pytest.mark.parametrize("backend", [b for b in OP_BACKENDS if b != "cuda"])
+def test_fake_gradient_ops_check_dtypes_and_inv_scale(backend):
+    if backends.unavailable_reason(backend, torch.device("cpu"), backends.GRAD_SUMSQ):
+        pytest.skip(backends.unavailable_reason(backend, torch.device("cpu"), backends.GRAD_SUMSQ))
+    op = backends.op(backend, backends.GRAD_SUMSQ)
+    with FakeTensorMode() as mode:
+        good = mode.from_tensor(torch.randn(3))
+        with pytest.raises(TypeError, match=r"tensor 1 is torch\.int32"):
+            op([good, mode.from_tensor(torch.ones(2, dtype=torch.int32))], None)
+        with pytest.raises(ValueError, match="inv_scale must be one float32 element, got"):
+            op([good], mode.from_tensor(torch.ones(2)))
+        with pytest.raises(ValueError, match="at least one tensor"):
+            op([], None)
+        sumsq, found, nonfinite = op([good, good], None)
+        assert (sumsq.shape, found.shape, nonfinite.shape) == ((), (), (2,))
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Every import between the package's modules, function-level ones included: a lazy
+    import hides a cycle from the interpreter, not from the design."""
+    modules = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
+    modules.pop("stable_dfl._build_info", None)
+    submodules = set(modules) | {f"stable_dfl.{name}" for name in BUILT_MODULES}
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                if node.level:  # relative: climb level - 1 packages from this one
+                    base = package.split(".")
+                    base = base[: len(base) - (node.level - 1)]
+                    module = ".".join(base + ([node.module] if node.module else []))
+                for alias in node.names:
+                    candidate = f"{module}.{alias.name}"
+                    targets.add(candidate if candidate in submodules else module)
+            elif isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    visiting: list[str] = []
+    done: set[str] = set()
+
+    def visit(node: str) -> list[str] | None:
+        if node in visiting:
+            return [*visiting[visiting.index(node) :], node]
+        if node in done:
+            return None
+        visiting.append(node)
+        for target in sorted(graph[node]):
+            cycle = visit(target)
+            if cycle:
+                return cycle
+        visiting.pop()
+        done.add(node)
+        return None
+
+    for node in sorted(graph):
+        cycle = visit(node)
+        if cycle:
+            return cycle
+    return None
+
+
+def test_the_package_imports_form_no_cycle():
+    graph = _import_graph()
+    assert "stable_dfl.ops.triton_dfl" in graph["stable_dfl.ops.dfl"]  # the walk sees lazy imports
+    assert _find_cycle(graph) is None, " -> ".join(_find_cycle(graph))
+
+
+def test_ops_know_nothing_above_them_and_triton_files_hold_kernels_only():
+    graph = _import_graph()
+    for name, targets in graph.items():
+        if name.startswith("stable_dfl.ops"):
+            outside = {t for t in targets if not t.startswith("stable_dfl.ops")}
+            assert not outside, f"{name} imports {outside}"
+        if name.startswith("stable_dfl.ops.triton_"):
+            assert targets <= {"stable_dfl.ops.backends", "stable_dfl.ops.reference"}, targets
+    importers = {n for n, targets in graph.items() if "stable_dfl.ops._library" in targets}
+    assert importers == {"stable_dfl.ops.backends"}
