@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -9,42 +10,52 @@ import pytest
 
 from stable_dfl.__main__ import main
 from stable_dfl.report import Status, judge_run, load_run
+from stable_dfl.train.records import METRICS_NAME, EpochRecord, StepRecord, ValRecord
 
 CLIP = 0.5
 BAD_PARAMETER = "standard_head.box_branch.2.weight"
 
 
 def step_record(step: int, dfl: float = 3.0, pre_clip: float = 0.8, **overrides) -> dict:
-    record = {
-        "kind": "step",
-        "epoch": 1,
-        "step": step,
+    """A healthy step record, built by the schema; ``overrides`` replace fields or losses."""
+    losses = {
         "cls_loss": 1.0,
         "iou_loss": 0.5,
         "dfl_loss": dfl,
         "total_loss": 1.0 + 2.5 * 0.5 + 0.5 * dfl,
-        "grad_norm": pre_clip,
-        "clip_coef": min(1.0, CLIP / (pre_clip + 1e-6)),
-        "clip_norm": CLIP,
-        "grad_finite": True,
-        "nonfinite_params": [],
-        "loss_scale": 1.0,
-        "skipped": False,
-        "skipped_total": 0,
-        "lr": 3e-5,
     }
-    record.update(overrides)
-    return record
+    losses.update({name: overrides.pop(name) for name in [*overrides] if name in losses})
+    record = StepRecord(
+        epoch=1,
+        step=step,
+        losses=losses,
+        grad_norm=pre_clip,
+        clip_coef=min(1.0, CLIP / (pre_clip + 1e-6)),
+        clip_norm=CLIP,
+        grad_finite=True,
+        nonfinite_params=[],
+        loss_scale=1.0,
+        skipped=False,
+        skipped_total=0,
+        lr=3e-5,
+        images_per_s=100.0,
+    )
+    return dataclasses.replace(record, **overrides).to_json()
 
 
 def write_run(path, records, maps=(0.0, 0.2)) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    evaluations = [{"kind": "val", "step": 0, "standard/map50": maps[0], "standard/map": 0.0}]
-    evaluations.append(
-        {"kind": "epoch", "step": len(records), "standard/map50": maps[1], "standard/map": 0.1}
+    untrained = ValRecord(epoch=0, step=0, results={"standard/map50": maps[0], "standard/map": 0.0})
+    trained = EpochRecord(
+        epoch=1,
+        step=len(records),
+        losses={},
+        results={"standard/map50": maps[1], "standard/map": 0.1},
+        skipped_total=0,
+        epoch_seconds=1.0,
     )
-    lines = [json.dumps(r) for r in [evaluations[0], *records, evaluations[1]]]
-    (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    lines = [json.dumps(r) for r in [untrained.to_json(), *records, trained.to_json()]]
+    (path / METRICS_NAME).write_text("\n".join(lines) + "\n")
 
 
 def healthy_records(n: int = 120) -> list[dict]:

@@ -1,5 +1,7 @@
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,13 +12,17 @@ from stable_dfl.models import DetectionLoss, DetectionTargets, DualHeadDetector
 from stable_dfl.train import (
     DistContext,
     NonFiniteCheckpointError,
+    TrainConfig,
     Trainer,
     load_checkpoint,
     parse_config,
     save_checkpoint,
 )
+from stable_dfl.train.build import build_optimization
 from stable_dfl.train.cli import main as train_main
+from stable_dfl.train.plain_step import PlainClipStep
 from stable_dfl.train.schedule import WarmupCosine
+from stable_dfl.train.step import OptimizerStepper, StepOutcome
 
 from .train_helpers import tiny_config
 
@@ -72,6 +78,33 @@ def test_guard_skips_non_finite_gradients_and_names_them():
         and result.total_norm > 1
         and result.clip_coef == pytest.approx(1 / result.total_norm)
     )
+
+
+@pytest.mark.parametrize(("nan_guard", "stepper_type"), [("on", GradGuard), ("off", PlainClipStep)])
+def test_both_optimizer_steps_satisfy_the_step_protocols(nan_guard, stepper_type):
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    optimizer, _, scaler, stepper = build_optimization(
+        model, TrainConfig(nan_guard=nan_guard), torch.device("cpu"), None, total_steps=10
+    )
+    assert type(stepper) is stepper_type and isinstance(stepper, OptimizerStepper)
+    for poison in (False, True):
+        optimizer.zero_grad()
+        model(torch.ones(1, 2)).sum().backward()
+        if poison:
+            model[1].weight.grad[0, 0] = math.nan
+        outcome = stepper.step(optimizer, scaler)
+        assert isinstance(outcome, StepOutcome)
+        assert isinstance(outcome.total_norm, float) and isinstance(outcome.clip_coef, float)
+        assert outcome.finite is not poison and isinstance(outcome.skipped, bool)
+        assert isinstance(outcome.offenders, list)
+    # Only the guard skips a NaN step without a GradScaler and names the culprit.
+    assert outcome.skipped is (nan_guard == "on")
+    assert outcome.offenders == (["1.weight"] if nan_guard == "on" else [])
+
+
+def test_the_guard_does_not_depend_on_the_trainer():
+    code = "import sys, stable_dfl.guard; sys.exit('stable_dfl.train' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():

@@ -1,12 +1,8 @@
 """Reads the trainer's ``metrics.jsonl`` (one JSON object per line), never the text log.
 
-Records used (written by :mod:`stable_dfl.train.trainer`):
-
-* ``kind="step"``: ``step``, ``epoch``, the loss components (``total_loss``, ``cls_loss``,
-  ``iou_loss``, ``dfl_loss`` and per head), ``grad_norm`` (before clipping), ``clip_coef``,
-  ``clip_norm``, ``grad_finite``, ``nonfinite_params``, ``loss_scale``, ``skipped``, ``lr``.
-* ``kind="val"`` (step 0, the untrained model) and ``kind="epoch"``: ``<head>/map50``,
-  ``<head>/map`` for each head.
+The records and their fields are those of :mod:`stable_dfl.train.records`: the step
+records, and the ``val`` (the untrained model) and ``epoch`` records, which carry the
+validation mAP.
 
 A run that is still being written may end in a partial line: it is ignored. A resumed run
 repeats the steps after its last checkpoint; the later record of a step wins.
@@ -20,16 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..train.reporting import METRICS_NAME
+from ..train.records import EVALUATION_KINDS, METRICS_NAME, STEP_KIND
 
 
 @dataclass
 class RunMetrics:
     path: Path
     steps: list[dict[str, Any]] = field(default_factory=list)
-    """Step records in step order, one per step."""
+    """Step records (:class:`~stable_dfl.train.records.StepRecord`) in step order, one per step."""
     evaluations: list[dict[str, Any]] = field(default_factory=list)
-    """``val`` and ``epoch`` records (both carry the validation mAP), in step order."""
+    """``val`` and ``epoch`` records (:class:`~stable_dfl.train.records.ValRecord`,
+    :class:`~stable_dfl.train.records.EpochRecord`), in step order."""
     unreadable_lines: int = 0
     """Lines that are not JSON, other than a partial last line."""
 
@@ -79,9 +76,9 @@ def load_run(run: str | Path) -> RunMetrics:
             metrics.unreadable_lines += 1
             continue
         kind = record.get("kind")
-        if kind == "step":
+        if kind == STEP_KIND:
             steps[int(record["step"])] = record
-        elif kind in ("val", "epoch"):
+        elif kind in EVALUATION_KINDS:
             evaluations[(kind, int(record.get("step", 0)))] = record
     metrics.steps = [steps[k] for k in sorted(steps)]
     metrics.evaluations = sorted(evaluations.values(), key=lambda r: int(r.get("step", 0)))

@@ -1,7 +1,8 @@
 """The textbook AMP step without a NaN/Inf guard, for before/after experiments.
 
 ``scaler.unscale_`` + ``clip_grad_norm_`` + ``scaler.step`` + ``scaler.update``, with the
-same ``step(optimizer, scaler)`` call and result fields as :class:`~stable_dfl.GradGuard`.
+same ``step(optimizer, scaler)`` call and result fields as :class:`~stable_dfl.GradGuard`
+(:class:`~stable_dfl.train.step.OptimizerStepper`, :class:`~stable_dfl.train.step.StepOutcome`).
 With an active fp16 GradScaler the scaler still skips a step whose gradients hold an
 Inf/NaN; without one (bf16 or full precision) nothing checks, and ``optimizer.step()``
 writes NaN into the weights. Offending parameters are not named: finding them is what

@@ -1,4 +1,6 @@
-"""Where training reports go: the debug log, metrics JSONL, a progress line, TensorBoard/W&B.
+"""Where training reports go (the debug log, metrics JSONL, a progress line, TensorBoard/W&B)
+and what the trainer reports: the lines and records of a step, of the untrained model and
+of an epoch.
 
 Only rank 0 reports; the other ranks get a :class:`Reporter` whose methods do nothing.
 """
@@ -12,8 +14,18 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+import torch
+from torch import nn
+
+from ..models import HEAD_NAMES
+from .config import TrainConfig
+from .records import METRICS_NAME, EpochRecord, Record, StepRecord, ValRecord
+from .step import StepOutcome
+
 DEBUG_LOG_NAME = "training_debug.log"
-METRICS_NAME = "metrics.jsonl"
+#: Offending parameter names listed one per line before the rest are counted; the step
+#: record keeps as many.
+MAX_NAMED_OFFENDERS = 10
 
 
 class Reporter:
@@ -66,18 +78,20 @@ class Reporter:
             self.console.flush()
             self._progress_shown = True
 
-    def metrics(self, record: dict[str, Any]) -> None:
+    def metrics(self, record: Record) -> None:
+        """A line of ``metrics.jsonl`` (see :mod:`~stable_dfl.train.records`); its numbers
+        also go to the external loggers."""
         if not self.enabled:
             return
-        record = {"time": round(time.time(), 3), **record}
-        _write(self._metrics, json.dumps(record) + "\n")
+        line = {"time": round(time.time(), 3), **record.to_json()}
+        _write(self._metrics, json.dumps(line) + "\n")
         numeric = {
             k: v
-            for k, v in record.items()
+            for k, v in line.items()
             if isinstance(v, int | float) and k not in ("time", "step")
         }
         for logger in self._external:
-            logger.log(record.get("kind", "step"), numeric, record.get("step", 0))
+            logger.log(record.kind, numeric, record.step)
 
     def add_external(self, logger: Any) -> None:
         self._external.append(logger)
@@ -162,3 +176,131 @@ def attach_external_loggers(
             reporter.info(
                 "W&B requested but wandb is not installed (pip install wandb): skipping it"
             )
+
+
+# ------------------------------------------------------------------ what the trainer reports
+
+
+def loss_scale(scaler: torch.amp.GradScaler) -> float:
+    """The fp16 GradScaler's scale; 1.0 without loss scaling."""
+    return scaler.get_scale() if scaler.is_enabled() else 1.0
+
+
+def module_grad_norms(model: nn.Module, scale: float) -> dict[str, float]:
+    """Gradient norm of each top-level part, for the debug block; ``scale`` is the loss
+    scale of the gradients (read before the step unscales them)."""
+    norms = {}
+    for name, module in model.named_children():
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        norms[name] = float(torch.nn.utils.get_total_norm(grads)) / scale if grads else 0.0
+    return norms
+
+
+def format_map(results: dict[str, float]) -> str:
+    return "; ".join(
+        f"{head} head mAP@0.5={results[f'{head}/map50']:.4f} mAP@0.5:0.95={results[f'{head}/map']:.4f}"
+        for head in HEAD_NAMES
+    )
+
+
+def report_step(
+    reporter: Reporter,
+    config: TrainConfig,
+    *,
+    epoch: int,
+    batch: int,
+    batches: int,
+    step: int,
+    losses: dict[str, float],
+    outcome: StepOutcome,
+    module_norms: dict[str, float] | None,
+    lr: float,
+    scale: float,
+    skipped_total: int,
+    images_per_second: float,
+) -> None:
+    """One batch: a warning per offender of a skipped step, the batch line every
+    ``log_interval`` steps, the debug block when ``module_norms`` were measured, the
+    progress line and the step record. ``epoch`` counts from 1, ``batch`` within it."""
+    if outcome.skipped:
+        for name in outcome.offenders[:MAX_NAMED_OFFENDERS]:
+            reporter.info(f"⚠️ NaN/Inf gradient in {name}")
+        if len(outcome.offenders) > MAX_NAMED_OFFENDERS:
+            reporter.info(
+                f"⚠️ NaN/Inf gradient in {len(outcome.offenders) - MAX_NAMED_OFFENDERS} more parameters"
+            )
+        reporter.info(
+            f"Skipping optimizer step (batch {step}, {skipped_total} skipped so far): "
+            f"Grad Norm={outcome.total_norm}"
+        )
+    if step == 1 or step % config.log_interval == 0:
+        reporter.detail(
+            f"Batch {step}: dfl_loss={losses['dfl_loss']:.2f}, Grad Norm={outcome.total_norm:.2f}, "
+            f"cls_loss={losses['cls_loss']:.3f}, iou_loss={losses['iou_loss']:.3f}, lr={lr:.2e}"
+        )
+    if module_norms is not None:
+        lines = ["Loss components:"] + [f"  {name}: {value:.4f}" for name, value in losses.items()]
+        lines.append("Gradient Norms:")
+        lines += [f"  {name}: {value:.4f}" for name, value in module_norms.items()]
+        lines += [
+            f"  Total Grad Norm: {outcome.total_norm:.4f}",
+            f"  Clip Coef: {outcome.clip_coef:.4f}",
+            f"  Loss Scale: {scale:g}",
+        ]
+        for line in lines:
+            reporter.detail(line)
+    reporter.progress(
+        f"epoch {epoch}/{config.epochs} batch {batch}/{batches} loss {losses['total_loss']:.3f} "
+        f"dfl {losses['dfl_loss']:.2f} grad {outcome.total_norm:.2f} {images_per_second:.0f} img/s"
+    )
+    reporter.metrics(
+        StepRecord(
+            epoch=epoch,
+            step=step,
+            losses=losses,
+            grad_norm=outcome.total_norm,
+            clip_coef=outcome.clip_coef,
+            clip_norm=config.gradient_clip_norm,
+            grad_finite=outcome.finite,
+            nonfinite_params=outcome.offenders[:MAX_NAMED_OFFENDERS],
+            loss_scale=scale,
+            skipped=outcome.skipped,
+            skipped_total=skipped_total,
+            lr=lr,
+            images_per_s=round(images_per_second, 2),
+        )
+    )
+
+
+def report_untrained(reporter: Reporter, results: dict[str, float]) -> None:
+    reporter.info(f"Untrained model: {format_map(results)}")
+    reporter.metrics(ValRecord(epoch=0, step=0, results=results))
+
+
+def report_epoch(
+    reporter: Reporter,
+    config: TrainConfig,
+    *,
+    epoch: int,
+    step: int,
+    losses: dict[str, float],
+    results: dict[str, float],
+    skipped_total: int,
+    seconds: float,
+) -> None:
+    """``epoch`` epochs are done: their mean losses and the validation of the EMA weights."""
+    reporter.info(
+        f"Epoch {epoch}/{config.epochs}: "
+        + ", ".join(f"{k}={v:.4f}" for k, v in losses.items())
+        + f", skipped steps={skipped_total}, {seconds:.1f}s; val {format_map(results)}"
+    )
+    reporter.metrics(
+        EpochRecord(
+            epoch=epoch,
+            step=step,
+            losses=losses,
+            results=results,
+            skipped_total=skipped_total,
+            epoch_seconds=round(seconds, 3),
+        )
+    )
