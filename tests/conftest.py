@@ -11,8 +11,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Marks ``cpu_kernel`` every test parametrized with ``backend='cpu'``: with the modules

@@ -12,7 +12,7 @@ import torch
 from stable_dfl import doctor
 from stable_dfl.train import Trainer, default_cpu_precision, precision, resolve_precision
 
-from .fault_helpers import CPU, fast_config
+from ..support.runs import CPU, tiny_config
 
 CPU_DEVICE, CUDA_DEVICE = torch.device("cpu"), torch.device("cuda")
 NATIVE_REASON = "bf16 autocast: this CPU computes bf16 natively"
@@ -79,7 +79,7 @@ def test_detection_without_onednn_or_its_op_is_no_native_bf16(monkeypatch):
 
 def test_the_first_log_line_names_the_precision_and_why(tmp_path, native_bf16, one_cpu_thread):
     console = io.StringIO()
-    trainer = Trainer(fast_config(tmp_path, amp="auto"), CPU, console=console)
+    trainer = Trainer(tiny_config(tmp_path, amp="auto"), CPU, console=console)
     trainer.fit()
     expected = default_cpu_precision(native_bf16)
     assert trainer.precision == expected and trainer.amp_dtype == expected.dtype

@@ -11,7 +11,7 @@ from stable_dfl import grad_norm_and_nonfinite
 from stable_dfl.ops import backends
 from stable_dfl.ops.grad_norm import grad_sumsq_nonfinite, grad_sumsq_nonfinite_reference
 
-from .conftest import needs_cuda
+from ..support.markers import needs_cuda
 
 CPU = torch.device("cpu")
 BACKENDS_HERE = [

@@ -13,7 +13,7 @@ from torch import nn
 from stable_dfl import GradGuard, GradGuardResult
 from stable_dfl.ops.backends import GRAD_SUMSQ, unavailable_reason
 
-from .conftest import needs_cuda
+from ..support.markers import needs_cuda
 
 BACKENDS_HERE = [
     b

@@ -166,9 +166,9 @@ def test_report_reads_a_real_training_run(tmp_path):
     from stable_dfl.train import Trainer
     from stable_dfl.train.distributed import DistContext
 
-    from .train_helpers import tiny_config
+    from ..support.runs import tiny_config
 
-    config = tiny_config(tmp_path, train_images=24)
+    config = tiny_config(tmp_path, train_images=12)
     Trainer(config, DistContext(0, 1, torch.device("cpu")), console=io.StringIO()).fit()
     run = load_run(tmp_path)
     assert len(run.steps) == 3 and run.clip_norm == config.gradient_clip_norm

@@ -20,11 +20,11 @@ from stable_dfl.train import CheckpointError, Trainer, load_checkpoint, save_che
 from stable_dfl.train import checkpoint as checkpoint_module
 from stable_dfl.train.cli import main as train_main
 
-from .fault_helpers import CPU, assert_bit_identical, cli_args, fast_config, records
+from ..support.runs import CPU, assert_bit_identical, cli_args, records, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class _RunsOnLoad:
@@ -40,7 +40,7 @@ class _RunsOnLoad:
 @pytest.fixture
 def good_checkpoint(tmp_path) -> Path:
     path = tmp_path / "good.pt"
-    save_checkpoint(Trainer(fast_config(tmp_path / "source"), CPU).state_dict(), path)
+    save_checkpoint(Trainer(tiny_config(tmp_path / "source"), CPU).state_dict(), path)
     return path
 
 
@@ -66,7 +66,7 @@ def _bare_state_dict(path: Path, good: Path) -> None:
 
 
 def _other_model(path: Path, good: Path) -> None:
-    save_checkpoint(Trainer(fast_config(path.parent / "wide", width=8), CPU).state_dict(), path)
+    save_checkpoint(Trainer(tiny_config(path.parent / "wide", width=8), CPU).state_dict(), path)
 
 
 def _nan_weights(path: Path, good: Path) -> None:
@@ -142,7 +142,7 @@ def test_a_full_disk_during_a_checkpoint_write_leaves_the_last_one_intact(
 
 
 def test_a_full_disk_while_logging_stops_with_the_file_named(tmp_path, capsys):
-    trainer = Trainer(fast_config(tmp_path, epochs=1), CPU)
+    trainer = Trainer(tiny_config(tmp_path, epochs=1), CPU)
 
     class FullDisk:
         name = str(tmp_path / "training_debug.log")
@@ -225,7 +225,7 @@ def _assert_same_run(resumed: Path, reference: Path) -> None:
 def test_killed_in_the_middle_of_a_checkpoint_write_resumes_to_the_same_result(tmp_path):
     reference = _uninterrupted(tmp_path)
     run, marker = tmp_path / "run", tmp_path / "half_written"
-    command = [sys.executable, "-m", "tests.slow_checkpoint_train", str(marker), "2"]
+    command = [sys.executable, "-m", "tests.support.slow_checkpoint_train", str(marker), "2"]
     process = subprocess.Popen(
         [*command, *cli_args(run, **KILL_RUN)],
         cwd=REPO,

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from stable_dfl.train import Trainer, init_distributed
 from stable_dfl.train.distributed import shutdown_distributed
 
-from .train_helpers import tiny_config
+from ..support.runs import tiny_config
 
 WORLD_SIZE = 2
 NAN_STEP = 2
@@ -33,7 +33,7 @@ def _worker(rank: int, port: int, save_dir: str) -> None:
     torch.set_num_threads(1)
     context = init_distributed("cpu")
     try:
-        trainer = Trainer(tiny_config(save_dir, train_images=32, epochs=2), context)
+        trainer = Trainer(tiny_config(save_dir, train_images=32, batch_size=8, epochs=2), context)
         if (
             rank == 1
         ):  # a NaN on one rank only: DDP's all-reduce spreads it, so both ranks must skip

@@ -20,7 +20,7 @@ from stable_dfl.train.records import (
 )
 from stable_dfl.train.reporting import Reporter
 
-from .fault_helpers import CPU, fast_config
+from ..support.runs import CPU, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -105,7 +105,7 @@ def test_records_round_trip_through_the_report(tmp_path):
 
 
 def test_the_trainer_writes_records_laid_out_by_the_schema(tmp_path):
-    Trainer(fast_config(tmp_path, epochs=1), CPU, console=io.StringIO()).fit()
+    Trainer(tiny_config(tmp_path, epochs=1), CPU, console=io.StringIO()).fit()
     lines = [json.loads(line) for line in (tmp_path / METRICS_NAME).read_text().splitlines()]
     assert [r["kind"] for r in lines] == ["val", "step", "step", "epoch"]
     val, step, _, epoch = lines

@@ -1,4 +1,5 @@
-"""Shared pieces of the fault-injection tests: tiny runs, CLI arguments, metrics, state copies."""
+"""The one tiny training run of the tests (its config and command line), its records, and
+exact comparisons of training state."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ from stable_dfl.train import DistContext, TrainConfig, Trainer
 CPU = DistContext(0, 1, torch.device("cpu"))
 
 #: A run of a few tenths of a second per epoch on one CPU thread: 2 batches per epoch.
-FAST_OPTIONS: dict[str, Any] = dict(
+TINY_RUN: dict[str, Any] = dict(
     train_images=8,
     val_images=4,
     image_size=32,
     batch_size=4,
+    epochs=1,
     width=4,
     fpn_channels=16,
     embed_dim=8,
@@ -30,13 +32,13 @@ FAST_OPTIONS: dict[str, Any] = dict(
 )
 
 
-def fast_config(save_dir: Path, **overrides: Any) -> TrainConfig:
-    return TrainConfig(**{**FAST_OPTIONS, "save_dir": str(save_dir), **overrides})
+def tiny_config(save_dir: Path, **overrides: Any) -> TrainConfig:
+    return TrainConfig(**{**TINY_RUN, "save_dir": str(save_dir), **overrides})
 
 
 def cli_args(save_dir: Path, **overrides: Any) -> list[str]:
-    """The command line of ``fast_config(save_dir, **overrides)``."""
-    options = {**FAST_OPTIONS, "save_dir": str(save_dir), **overrides}
+    """The command line of ``tiny_config(save_dir, **overrides)``."""
+    options = {**TINY_RUN, "save_dir": str(save_dir), **overrides}
     args = []
     for name, value in options.items():
         if value is True:

@@ -10,9 +10,9 @@ import torch
 from stable_dfl import BackendUnavailableError, resolve_backend, stable_dfl_loss
 from stable_dfl.ops import backends
 
-from .dfl_cases import assert_close_to_reference, expected, random_case
-from .fused_backend_suite import *  # noqa: F403  (the shared tests, run here with the fixtures below)
-from .fused_backend_suite import run_backend
+from ..support.dfl_cases import assert_close_to_reference, expected, random_case
+from ..support.fused_backend_suite import *  # noqa: F403  (the shared tests, run here with the fixtures below)
+from ..support.fused_backend_suite import run_backend
 
 pytestmark = [
     pytest.mark.cuda,

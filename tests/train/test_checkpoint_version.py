@@ -11,7 +11,7 @@ from stable_dfl.train import CheckpointError, Trainer, load_checkpoint, save_che
 from stable_dfl.train.checkpoint import CHECKPOINT_VERSION
 from stable_dfl.train.cli import main as train_main
 
-from .fault_helpers import CPU, cli_args, fast_config
+from ..support.runs import CPU, cli_args, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -20,7 +20,7 @@ NEWER, OLDER = CHECKPOINT_VERSION + 1, CHECKPOINT_VERSION - 1
 
 @pytest.fixture(scope="module")
 def trainer_state(tmp_path_factory) -> dict:
-    return Trainer(fast_config(tmp_path_factory.mktemp("source")), CPU).state_dict()
+    return Trainer(tiny_config(tmp_path_factory.mktemp("source")), CPU).state_dict()
 
 
 def _with_version(state: dict, version: int, path) -> None:
@@ -65,7 +65,7 @@ def test_the_command_line_refuses_another_version(tmp_path, trainer_state, capsy
 def test_a_bare_state_dict_has_no_version_and_serves_init_from(tmp_path, trainer_state):
     path = tmp_path / "weights.pt"
     torch.save(trainer_state["model"], path)
-    trainer = Trainer(fast_config(tmp_path / "run", init_from=str(path)), CPU)
+    trainer = Trainer(tiny_config(tmp_path / "run", init_from=str(path)), CPU)
     assert all(
         torch.equal(value, trainer_state["model"][name])
         for name, value in trainer.model.state_dict().items()

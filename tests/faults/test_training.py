@@ -18,12 +18,12 @@ from stable_dfl.train import (
 )
 from stable_dfl.train.cli import main as train_main
 
-from .fault_helpers import (
+from ..support.runs import (
     CPU,
     assert_bit_identical,
     cli_args,
-    fast_config,
     records,
+    tiny_config,
     training_state,
 )
 
@@ -97,7 +97,7 @@ def _after_a_skip(state: dict) -> dict:
 
 @pytest.mark.parametrize("amp", ["fp16", "bf16", "off"])
 def test_nan_and_inf_gradients_are_skipped_without_a_trace(tmp_path, amp):
-    trainer = Trainer(fast_config(tmp_path, amp=amp, **CONVERGENCE_RUN), CPU)
+    trainer = Trainer(tiny_config(tmp_path, amp=amp, **CONVERGENCE_RUN), CPU)
     _poison_gradient(trainer, FAULTS)
     before = _record_state_before_each_step(trainer)
     offenders = _record_offenders(trainer)
@@ -160,7 +160,7 @@ def _nan_loss_at(trainer: Trainer, steps: set[int]) -> None:
 
 @pytest.mark.parametrize("inject", [_nan_logits_at, _nan_loss_at], ids=["logits", "loss"])
 def test_nan_logits_or_loss_skip_the_step_and_training_goes_on(tmp_path, inject):
-    trainer = Trainer(fast_config(tmp_path, epochs=2), CPU)
+    trainer = Trainer(tiny_config(tmp_path, epochs=2), CPU)
     inject(trainer, {2})
     before = _record_state_before_each_step(trainer)
     trainer.fit()
@@ -175,7 +175,7 @@ def test_nan_logits_or_loss_skip_the_step_and_training_goes_on(tmp_path, inject)
 
 
 def test_consecutive_skips_stop_the_run_and_keep_the_checkpoint(tmp_path):
-    trainer = Trainer(fast_config(tmp_path, epochs=5, max_consecutive_skips=3), CPU)
+    trainer = Trainer(tiny_config(tmp_path, epochs=5, max_consecutive_skips=3), CPU)
     _nan_loss_at(trainer, set(range(3, 100)))
     with pytest.raises(TrainingDivergedError, match=r"last 3 optimizer steps \(up to batch 5\)"):
         trainer.fit()
@@ -188,7 +188,7 @@ def test_consecutive_skips_stop_the_run_and_keep_the_checkpoint(tmp_path):
 
 
 def test_an_unbounded_run_of_skips_is_allowed_with_zero(tmp_path):
-    trainer = Trainer(fast_config(tmp_path, epochs=3, max_consecutive_skips=0), CPU)
+    trainer = Trainer(tiny_config(tmp_path, epochs=3, max_consecutive_skips=0), CPU)
     _nan_loss_at(trainer, set(range(1, 100)))
     trainer.fit()
     assert trainer.skipped_steps == 6 and trainer.ema.updates == 0
@@ -208,7 +208,7 @@ def test_weights_that_overflow_are_never_written_over_a_checkpoint(tmp_path):
     # An optimizer update that overflows: finite gradients, an Inf weight after the step.
     save_checkpoint({"model": {"w": torch.ones(1)}}, tmp_path / "last.pt")
     planted = (tmp_path / "last.pt").read_bytes()
-    trainer = Trainer(fast_config(tmp_path, epochs=2, max_consecutive_skips=0), CPU)
+    trainer = Trainer(tiny_config(tmp_path, epochs=2, max_consecutive_skips=0), CPU)
     weight = trainer.model.prototype_head.prototypes
 
     def overflow(_optimizer, _args, _kwargs):

@@ -1,4 +1,4 @@
-"""``python -m tests.slow_checkpoint_train MARKER EPOCH TRAIN_ARGS...``: the trainer's command
+"""``python -m tests.support.slow_checkpoint_train MARKER EPOCH TRAIN_ARGS...``: the trainer's command
 line, except that the checkpoint of epoch EPOCH is written half, then MARKER is created,
 then the writer sleeps: a test kills the process there, in the middle of a checkpoint write."""
 

@@ -24,7 +24,7 @@ from stable_dfl.train.plain_step import PlainClipStep
 from stable_dfl.train.schedule import WarmupCosine
 from stable_dfl.train.step import OptimizerStepper, StepOutcome
 
-from .train_helpers import tiny_config
+from ..support.runs import tiny_config
 
 CPU = DistContext(0, 1, torch.device("cpu"))
 
@@ -135,7 +135,7 @@ def test_seed_command_line_options_parse():
 
 
 def test_training_run_writes_logs_metrics_and_checkpoints(tmp_path):
-    results = Trainer(tiny_config(tmp_path, epochs=2), CPU).fit()
+    results = Trainer(tiny_config(tmp_path, epochs=2, debug_interval=2), CPU).fit()
     assert set(results) == {"standard/map50", "standard/map", "prototype/map50", "prototype/map"}
     log = (tmp_path / "training_debug.log").read_text()
     for expected in (
