@@ -93,3 +93,18 @@ def test_fixed_temperature_is_not_learned():
     head = PrototypeDetectionHead(16, num_classes=2, temperature=0.25, learn_temperature=False)
     assert "log_scale" not in dict(head.named_parameters())
     assert head.temperature == pytest.approx(0.25)
+
+
+def test_predict_gives_each_image_its_detections_of_the_chosen_head():
+    model = DualHeadDetector(num_classes=3, width=4, fpn_channels=16, embed_dim=8).eval()
+    images = torch.rand(2, 3, 64, 64)
+    for head in ("standard", "prototype"):
+        detections = model.predict(images, head, score_threshold=0.0, max_detections=7)
+        assert len(detections) == 2
+        for found, expected in zip(
+            detections, model.postprocess(model(images), head, 0.0, 0.6, 1000, 7), strict=True
+        ):
+            assert found.shape[1] == 6 and 0 < len(found) <= 7
+            torch.testing.assert_close(found, expected)
+            assert found[:, 5].lt(3).all() and found[:, 4].ge(0).all()
+        assert not detections[0].requires_grad
