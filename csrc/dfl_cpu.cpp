@@ -72,44 +72,8 @@ std::tuple<at::Tensor, at::Tensor> dfl_forward_cpu(const at::Tensor& pred_in,
   return {loss, grad};
 }
 
-// grad[N, n_bins] times grad_loss (0-dim: one factor; [N]: one per row), in
-// fp32 (fp64 for fp64) and rounded once to grad's dtype, into a new tensor.
-at::Tensor dfl_backward_cpu(const at::Tensor& grad_in, const at::Tensor& grad_loss_in) {
-  TORCH_CHECK_VALUE(grad_in.dim() == 2, "stable_dfl::dfl_backward: grad must be [N, n_bins], got ",
-                    grad_in.sizes());
-  const bool per_row = grad_loss_in.dim() == 1;
-  TORCH_CHECK_VALUE(grad_loss_in.dim() == 0 || (per_row && grad_loss_in.size(0) == grad_in.size(0)),
-                    "stable_dfl::dfl_backward: grad_loss must be 0-dim or [N] with N = ",
-                    grad_in.size(0), ", got ", grad_loss_in.sizes());
-  TORCH_CHECK_TYPE(grad_in.scalar_type() == at::kFloat || grad_in.scalar_type() == at::kHalf ||
-                       grad_in.scalar_type() == at::kBFloat16 ||
-                       grad_in.scalar_type() == at::kDouble,
-                   "stable_dfl::dfl_backward: grad must be float16, bfloat16, float32 or "
-                   "float64, got ",
-                   grad_in.scalar_type());
-  const at::Tensor grad = grad_in.contiguous();
-  const at::Tensor grad_loss = grad_loss_in.to(dfl_acc_dtype(grad.scalar_type())).contiguous();
-  at::Tensor out = at::empty(grad.sizes(), grad.options());
-
-  cpu::DflBackwardArgs args{};
-  args.dtype = grad.scalar_type();
-  args.n_bins = grad.size(1);
-  args.grad = grad.const_data_ptr();
-  args.grad_loss = grad_loss.const_data_ptr();
-  args.per_row = per_row;
-  args.out = out.mutable_data_ptr();
-  const auto& kernels = cpu_kernels();
-  at::parallel_for(0, grad.size(0), kRowsPerChunk, [&](int64_t begin, int64_t end) {
-    kernels.dfl_backward_rows(args, begin, end);
-  });
-  return out;
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(stable_dfl, CPU, m) {
-  m.impl("dfl_forward", &dfl_forward_cpu);
-  m.impl("dfl_backward", &dfl_backward_cpu);
-}
+TORCH_LIBRARY_IMPL(stable_dfl, CPU, m) { m.impl("dfl_forward", &dfl_forward_cpu); }
 
 }  // namespace stable_dfl

@@ -41,6 +41,9 @@ SDFL_HOST_DEVICE float keep_if_ge(float a, float b, float value) { return a >= b
 SDFL_HOST_DEVICE double keep_if_ge(double a, double b, double value) {
   return a >= b ? value : 0.0;
 }
+// value where a > b, else 0 (false for NaN).
+SDFL_HOST_DEVICE float keep_if_gt(float a, float b, float value) { return a > b ? value : 0.0f; }
+SDFL_HOST_DEVICE double keep_if_gt(double a, double b, double value) { return a > b ? value : 0.0; }
 
 // Upper clamp of the continuous target, `n_bins - 1 - 0.01` rounded once to
 // the compute type, exactly as `tensor.clamp(0, n_bins - 1 - 0.01)` does.
@@ -87,8 +90,8 @@ template <typename T>
 SDFL_HOST_DEVICE RowResult<T> finish_row(const TwoHot<T>& th, T x_left, T x_right, T sum_exp,
                                          T weight, T target, T log_eps) {
   const T log_sum = math_log(sum_exp);
-  // 0 for finite input, NaN when a logit or the target is NaN/Inf.
-  const T poison = (log_sum - log_sum) + (target - target);
+  // 0 for finite input, NaN when a logit, the target or the weight is NaN/Inf.
+  const T poison = (log_sum - log_sum) + (target - target) + (weight - weight);
   const T logp_left = x_left - log_sum;
   const T logp_right = x_right - log_sum;
   // torch.clamp(p, min=eps) passes the gradient where p >= eps and blocks it below.
@@ -97,7 +100,11 @@ SDFL_HOST_DEVICE RowResult<T> finish_row(const TwoHot<T>& th, T x_left, T x_righ
   const T clamped_left = math_max(logp_left, log_eps);
   const T clamped_right = math_max(logp_right, log_eps);
   RowResult<T> r;
-  r.loss = weight * math_neg(th.w_left * clamped_left + th.w_right * clamped_right) + poison;
+  // A target on a bin (w_right == 0) adds exactly 0, even where eps == 0 leaves the log
+  // of a probability that underflowed at -inf (w_left is never 0).
+  const T zero = th.w_right - th.w_right;
+  const T right_term = keep_if_gt(th.w_right, zero, th.w_right * clamped_right);
+  r.loss = weight * math_neg(th.w_left * clamped_left + right_term) + poison;
   r.grad_scale = weight * (active_left + active_right) / sum_exp + poison;
   r.grad_left = weight * active_left;
   r.grad_right = weight * active_right;

@@ -90,13 +90,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grad_sumsq_nonfinite_impl(
     any_nonfinite |= nonfinite_ptr[t];
     if (!nonfinite_ptr[t]) total += tensor_sumsq[t];
   }
-  const float sumsq_value = static_cast<float>(total);
-  const auto float_options = at::TensorOptions().dtype(at::kFloat).device(device);
-  at::Tensor sumsq = at::empty({}, float_options);
-  at::Tensor found_nonfinite = at::empty({}, float_options);
-  *sumsq.mutable_data_ptr<float>() = sumsq_value;
-  *found_nonfinite.mutable_data_ptr<float>() =
-      any_nonfinite || !std::isfinite(sumsq_value) ? 1.0f : 0.0f;
+  const auto options = at::TensorOptions().device(device);
+  at::Tensor sumsq = at::empty({}, options.dtype(at::kDouble));
+  at::Tensor found_nonfinite = at::empty({}, options.dtype(at::kFloat));
+  *sumsq.mutable_data_ptr<double>() = total;
+  *found_nonfinite.mutable_data_ptr<float>() = any_nonfinite || !std::isfinite(total) ? 1.0f : 0.0f;
   return {sumsq, found_nonfinite, nonfinite};
 }
 

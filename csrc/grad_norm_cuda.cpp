@@ -72,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grad_sumsq_nonfinite_launch(
   const auto options = grads[0].options();
   at::Tensor chunk_partial = at::empty({n_chunks}, options.dtype(at::kDouble));
   at::Tensor chunk_nonfinite = at::empty({n_chunks}, options.dtype(at::kByte));
-  at::Tensor sumsq = at::empty({}, options.dtype(at::kFloat));
+  at::Tensor sumsq = at::empty({}, options.dtype(at::kDouble));
   at::Tensor found_nonfinite = at::empty({}, options.dtype(at::kFloat));
   at::Tensor nonfinite = at::empty({n_tensors}, options.dtype(at::kBool));
 
@@ -81,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grad_sumsq_nonfinite_launch(
       reinterpret_cast<const GradChunkMeta*>(tables_ptr + tensor_bytes), n_chunks,
       inv_scale.has_value() ? inv_scale->const_data_ptr<float>() : nullptr, write_back,
       chunk_partial.mutable_data_ptr<double>(), chunk_nonfinite.mutable_data_ptr<uint8_t>(),
-      sumsq.mutable_data_ptr<float>(), found_nonfinite.mutable_data_ptr<float>(),
+      sumsq.mutable_data_ptr<double>(), found_nonfinite.mutable_data_ptr<float>(),
       nonfinite.mutable_data_ptr<bool>(), c10::cuda::getCurrentCUDAStream(device.index())));
   return {sumsq, found_nonfinite, nonfinite};
 }

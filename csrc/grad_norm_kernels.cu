@@ -64,8 +64,9 @@ template <typename T>
 __device__ void reduce_chunk(T* data, int length, const float* inv_scale, bool write_back,
                              double* partial, uint8_t* nonfinite) {
   using opmath_t = typename Opmath<T>::type;
-  __shared__ opmath_t shared[kChunkThreads / kWarp];
-  opmath_t sumsq = 0;
+  // Squares in float64: a float32 square overflows from |x| > 1.8e19 and underflows below 1e-19.
+  __shared__ double shared[kChunkThreads / kWarp];
+  double sumsq = 0;
   bool bad = false;
   const opmath_t inv = inv_scale != nullptr ? static_cast<opmath_t>(*inv_scale) : opmath_t(1);
   for (int i = threadIdx.x; i < length; i += kChunkThreads) {
@@ -75,14 +76,14 @@ __device__ void reduce_chunk(T* data, int length, const float* inv_scale, bool w
       x = Opmath<T>::store(Opmath<T>::load(x) * inv);
       if (write_back) data[i] = x;
     }
-    const opmath_t v = Opmath<T>::load(x);
+    const double v = static_cast<double>(Opmath<T>::load(x));
     sumsq += v * v;
     bad |= !isfinite(v);
   }
-  const opmath_t total = block_sum<opmath_t, kChunkThreads>(sumsq, shared);
+  const double total = block_sum<double, kChunkThreads>(sumsq, shared);
   const bool any_bad = __syncthreads_or(bad);
   if (threadIdx.x == 0) {
-    *partial = static_cast<double>(total);
+    *partial = total;
     *nonfinite = any_bad ? 1 : 0;
   }
 }
@@ -118,7 +119,7 @@ __global__ void __launch_bounds__(kChunkThreads)
 // chunks in order; the block then sums the owners' totals in a fixed tree.
 __global__ void __launch_bounds__(kFinalizeThreads)
     finalize_kernel(const GradTensorMeta* tensors, int64_t n_tensors, const double* chunk_partial,
-                    const uint8_t* chunk_nonfinite, float* sumsq, float* found_nonfinite,
+                    const uint8_t* chunk_nonfinite, double* sumsq, float* found_nonfinite,
                     bool* nonfinite) {
   __shared__ double shared[kFinalizeThreads / kWarp];
   double total = 0.0;
@@ -138,9 +139,8 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   total = block_sum<double, kFinalizeThreads>(total, shared);
   any_bad = __syncthreads_or(any_bad);
   if (threadIdx.x == 0) {
-    const float rounded = static_cast<float>(total);
-    *sumsq = rounded;
-    *found_nonfinite = any_bad || isinf(rounded) ? 1.0f : 0.0f;
+    *sumsq = total;
+    *found_nonfinite = any_bad || isinf(total) ? 1.0f : 0.0f;
   }
 }
 
@@ -150,7 +150,7 @@ cudaError_t launch_grad_sumsq_nonfinite(const GradTensorMeta* tensors, int64_t n
                                         const GradChunkMeta* chunks, int64_t n_chunks,
                                         const float* inv_scale, bool write_back,
                                         double* chunk_partial, uint8_t* chunk_nonfinite,
-                                        float* sumsq, float* found_nonfinite, bool* nonfinite,
+                                        double* sumsq, float* found_nonfinite, bool* nonfinite,
                                         cudaStream_t stream) {
   if (n_chunks > 0) {
     chunk_kernel<<<static_cast<unsigned>(n_chunks), kChunkThreads, 0, stream>>>(

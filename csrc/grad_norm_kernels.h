@@ -37,7 +37,7 @@ cudaError_t launch_grad_sumsq_nonfinite(const GradTensorMeta* tensors, int64_t n
                                         const GradChunkMeta* chunks, int64_t n_chunks,
                                         const float* inv_scale, bool write_back,
                                         double* chunk_partial, uint8_t* chunk_nonfinite,
-                                        float* sumsq, float* found_nonfinite, bool* nonfinite,
+                                        double* sumsq, float* found_nonfinite, bool* nonfinite,
                                         cudaStream_t stream);
 
 }  // namespace stable_dfl

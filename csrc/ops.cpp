@@ -62,11 +62,10 @@ TORCH_LIBRARY(stable_dfl, m) {
   // Per-row DFL of pred[N, n_bins] against continuous targets[N] (bin units).
   // Returns (loss, grad): loss is the weighted sum as a 0-dim tensor when
   // reduce_sum, else per-row [N]; grad has pred's shape and dtype when
-  // need_grad (the gradient of sum(loss)), else it is empty.
+  // need_grad (the gradient of sum(loss), computed in fp32 or fp64 and rounded
+  // once), else it is empty. A loss's backward is this op again, with the
+  // incoming gradient folded into the weights (stable_dfl/ops/dfl.py).
   m.def(
       "dfl_forward(Tensor pred, Tensor target, Tensor? weight, float eps, bool reduce_sum, "
       "bool need_grad) -> (Tensor, Tensor)");
-  // Backward of dfl_forward: grad * grad_loss (0-dim, or one factor per row [N]),
-  // computed in fp32 and rounded once to grad's dtype, into a new tensor.
-  m.def("dfl_backward(Tensor grad, Tensor grad_loss) -> Tensor");
 }

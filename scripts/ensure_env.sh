@@ -29,6 +29,15 @@ if [ "$#" -gt 0 ]; then EXTRAS="[$(IFS=,; echo "$*")]"; fi
 
 # Everything the installed state depends on, without starting Python: the hash of the
 # build inputs, torch's recorded version, the build variables, and the installed outputs.
+source_hash() {
+  (
+    cd "$ROOT"
+    {
+      ls setup.py pyproject.toml MANIFEST.in scripts/ensure_env.sh
+      find csrc -type f
+    } | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -d' ' -f1
+  )
+}
 install_stamp() {
   {
     echo "root=$ROOT venv=$VENV torch_spec=${TORCH_SPEC:-}"
@@ -38,11 +47,8 @@ install_stamp() {
     done
     cat "$VENV"/lib/python*/site-packages/torch/version.py 2>/dev/null || echo "no torch"
     "$VENV/bin/python" -V 2>&1
+    source_hash
     cd "$ROOT"
-    {
-      ls setup.py pyproject.toml MANIFEST.in scripts/ensure_env.sh
-      find csrc -type f
-    } | LC_ALL=C sort | xargs sha256sum
     # The outputs must still be there (a `git clean` removes them); a missing one changes
     # what ls prints, hence the stamp.
     ls stable_dfl/_build_info.py stable_dfl/_C.*.so stable_dfl/_cpu_kernels_*.so 2>&1 || true
@@ -54,6 +60,7 @@ install_stamp() {
 # the stamp matches and its extras were installed with it.
 STAMP_FILE="$VENV/.stable_dfl_install_stamp"
 STAMP="$(install_stamp)"
+SOURCES_BEFORE="$(source_hash)"
 INSTALLED_EXTRAS=""
 if [ -f "$STAMP_FILE" ] && [ "$(head -n1 "$STAMP_FILE")" = "$STAMP" ]; then
   INSTALLED_EXTRAS="$(tail -n +2 "$STAMP_FILE")"
@@ -93,6 +100,12 @@ if [[ " $* " == *" test "* ]]; then
     "${PIP[@]}" install --no-deps "torchvision==0.29.1"
     "${PIP[@]}" install --no-deps "ultralytics==8.4.190"
   fi
+fi
+# A source edited while the build ran is not in this build: no stamp, so the next run rebuilds.
+if [ "$(source_hash)" != "$SOURCES_BEFORE" ]; then
+  echo "[stable_dfl] sources changed during the build: the next run rebuilds" >&2
+  rm -f "$STAMP_FILE"
+  exit 0
 fi
 {
   install_stamp

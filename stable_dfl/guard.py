@@ -20,7 +20,7 @@ never says which tensor went bad. With the guard::
         log.warning("NaN/Inf gradient in %s", ", ".join(result.offenders))
 
 Pass 1 is :func:`stable_dfl.ops.grad_norm.grad_sumsq_nonfinite`: GradScaler's unscale, the
-sum of squares (float32 or better) and a per-tensor NaN/Inf flag, fused. Pass 2 is the
+sum of squares (float64) and a per-tensor NaN/Inf flag, fused. Pass 2 is the
 clip, ``torch._foreach_mul_`` by ``min(max_norm / (norm + 1e-6), 1)`` computed on the
 device, as ``torch.nn.utils.clip_grad_norm_`` does, so clipping needs no host sync.
 (*) On the CPU, where reading the coefficient is free, pass 2 is skipped when it is 1.
@@ -29,6 +29,7 @@ device, as ``torch.nn.utils.clip_grad_norm_`` does, so clipping needs no host sy
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -67,17 +68,19 @@ class GradGuardResult:
     def __init__(
         self,
         sumsq: torch.Tensor,
+        total_norm: torch.Tensor,
         found_nonfinite: torch.Tensor,
         clip_coef: torch.Tensor,
         nonfinite: torch.Tensor,
         names: list[str],
         max_offenders: int,
     ) -> None:
-        #: Sum of squares of the finite gradients (float32, 0-dim), after any cross-rank sum.
+        #: Sum of squares of the finite gradients (float64, 0-dim), after any cross-rank sum.
         self.sumsq_tensor = sumsq
-        #: Total L2 norm before clipping (float32, 0-dim).
-        self.total_norm_tensor = sumsq.sqrt()
-        #: Nonzero when a gradient holds a NaN/Inf (or, with a reducer, the ranks' count).
+        #: Total L2 norm before clipping (float32, 0-dim; the square root taken in float64).
+        self.total_norm_tensor = total_norm
+        #: Nonzero when a gradient holds a NaN/Inf or the norm overflows float32 (with a
+        #: reducer, the ranks' count of NaN/Inf gradients).
         self.found_nonfinite_tensor = found_nonfinite
         #: ``min(max_norm / (total_norm + 1e-6), 1)`` (1 when the guard does not clip).
         self.clip_coef_tensor = clip_coef
@@ -113,7 +116,8 @@ class GradGuardResult:
 
     @property
     def finite(self) -> bool:
-        """No gradient held a NaN/Inf and their sum of squares did not overflow float32."""
+        """No gradient held a NaN/Inf and their norm did not overflow float32 (which takes
+        finite gradients near float32's largest value)."""
         return self._host_values()[2] == 0.0
 
     @property
@@ -125,7 +129,8 @@ class GradGuardResult:
     def offenders(self) -> list[str]:
         """Names of the first ``max_offenders`` parameters whose gradients hold a NaN/Inf.
 
-        Empty when the gradients are finite, or when only their sum of squares overflowed.
+        Empty when the gradients are finite, or when only their norm overflowed float32
+        (``finite`` False, ``total_norm`` inf).
         """
         flags = self._host_values()[3:]
         bad = [name for name, flag in zip(self.names, flags, strict=True) if flag]
@@ -206,7 +211,7 @@ class GradGuard:
     returns, so every rank computes the same norm and makes the same skip decision; nothing
     to add. With sharded gradients (FSDP, ZeRO, tensor parallel) each rank holds a part of
     the sum of squares; pass ``reduce_across_ranks=torch.distributed.all_reduce`` (or any
-    callable that sums, in place, a 2-element float32 tensor ``[sum of squares, NaN/Inf
+    callable that sums, in place, a 2-element float64 tensor ``[sum of squares, NaN/Inf
     count]`` over the ranks sharing the model, e.g. ``lambda t: dist.all_reduce(t,
     group=pg)``). The norm, the clip coefficient, the skip decision and the scaler's
     ``found_inf`` then cover all shards; ``offenders`` names this rank's parameters. The
@@ -223,6 +228,12 @@ class GradGuard:
         reduce_across_ranks: Callable[[torch.Tensor], Any] | None = None,
         backend: str = "auto",
     ) -> None:
+        if max_norm is not None and (
+            isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real)
+        ):
+            raise TypeError(f"max_norm must be a number or None, got {type(max_norm).__name__}")
+        if isinstance(max_offenders, bool) or not isinstance(max_offenders, numbers.Integral):
+            raise TypeError(f"max_offenders must be an int, got {type(max_offenders).__name__}")
         if max_norm is not None and not (math.isfinite(max_norm) and max_norm > 0):
             raise ValueError(f"max_norm must be a positive finite number or None, got {max_norm}")
         if max_offenders < 0:
@@ -294,7 +305,7 @@ class GradGuard:
         names: list[str] = []
         flags: list[torch.Tensor] = []
         found_per_device: dict[torch.device, torch.Tensor] = {}
-        stats = torch.zeros(2, dtype=torch.float32, device=primary)  # [sumsq, found]
+        stats = torch.zeros(2, dtype=torch.float64, device=primary)  # [sumsq, found]
         for device, (device_names, grads) in groups.items():
             sumsq, found, nonfinite = grad_sumsq_nonfinite(
                 grads,
@@ -310,15 +321,19 @@ class GradGuard:
             self.reduce_across_ranks(stats)
         if self.reduce_across_ranks is not None or not groups:
             # The scaler needs a found_inf even with no gradient. A copy: with several optimizers, scaler.update() adds found_infs in place.
-            found_per_device = {primary: stats[1].clone()}
+            found_per_device = {primary: stats[1].float()}
         if inv_scale is not None:
             scaler_state.record_unscaled(scaler, optimizer, found_per_device)
 
-        sumsq, found = stats[0], stats[1]
+        sumsq = stats[0]
+        # float64 squares: a finite float32/16 gradient never overflows the sum, and only a
+        # norm beyond float32's range (gradients near its largest value) is not finite.
+        total_norm = sumsq.sqrt().float()
+        found = stats[1] + torch.isinf(total_norm)
         if self.max_norm is None:
             clip_coef = torch.ones((), dtype=torch.float32, device=primary)
         else:
-            clip_coef = torch.clamp(self.max_norm / (sumsq.sqrt() + CLIP_EPS), max=1.0)
+            clip_coef = torch.clamp(self.max_norm / (total_norm + CLIP_EPS), max=1.0)
             # Multiplying by 1.0 leaves every bit as it is. On the CPU the coefficient is
             # read for free, and skipping that multiply saves a read and a write of every
             # gradient; on a GPU, deciding would cost a host sync, so the multiply is queued.
@@ -326,7 +341,9 @@ class GradGuard:
                 for device, (_, grads) in groups.items():
                     _multiply_(grads, clip_coef.to(device, non_blocking=True))
         nonfinite = torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool, device=primary)
-        return GradGuardResult(sumsq, found, clip_coef, nonfinite, names, self.max_offenders)
+        return GradGuardResult(
+            sumsq, total_norm, found, clip_coef, nonfinite, names, self.max_offenders
+        )
 
     def step(
         self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None

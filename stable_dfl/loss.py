@@ -7,6 +7,7 @@ names one, and :mod:`stable_dfl.ops` picks and runs it.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Literal
 
@@ -49,6 +50,8 @@ def _per_element(
     """``value`` broadcast to ``target``'s shape and flattened, as ``dtype``."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(value).__name__}")
+    if name != "mask" and (value.dtype == torch.bool or value.is_complex()):
+        raise TypeError(f"{name} must hold real numbers, got {value.dtype}")
     if value.device != target.device:
         raise ValueError(f"{name} is on {value.device} but target is on {target.device}")
     try:
@@ -57,7 +60,39 @@ def _per_element(
         raise ValueError(
             f"{name} of shape {_shape(value)} cannot be broadcast to target's shape {_shape(target)}"
         ) from None
+    if name != "mask" and _narrows(value.dtype, dtype) and not torch.compiler.is_compiling():
+        # Checked in its own precision: a finite weight that the cast would make infinite
+        # (compiled code cannot branch on values: there such a row's loss is NaN, reported).
+        too_large = value.isfinite() & (value.abs() > torch.finfo(dtype).max)
+        if bool(too_large.any()):
+            raise ValueError(
+                f"{name} holds finite values beyond the range of {dtype}, the dtype the loss "
+                "is computed in for these logits"
+            )
     return expanded.reshape(-1).to(dtype)
+
+
+def _narrows(source: torch.dtype, dtype: torch.dtype) -> bool:
+    """True when a finite ``source`` value can overflow as ``dtype``."""
+    return source.is_floating_point and torch.finfo(source).max > torch.finfo(dtype).max
+
+
+def _flat_target(target: torch.Tensor, n_bins: int, dtype: torch.dtype) -> torch.Tensor:
+    """``target`` flattened, as ``dtype``. A finite value that the cast would make infinite
+    is first clamped in its own precision to just outside the bins (which the loss clamps to
+    the edge bins anyway); NaN and Inf stay as they are, to be reported."""
+    flat = target.reshape(-1)
+    if _narrows(flat.dtype, dtype):
+        flat = torch.where(flat.isfinite(), flat.clamp(-1, n_bins), flat)
+    return flat.to(dtype)
+
+
+def _real_number(name: str, value: object, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        expected = "a number or None" if allow_none else "a number"
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
 
 
 def _check_args(
@@ -67,6 +102,8 @@ def _check_args(
     eps: float,
     max_loss: float | None,
     reduction: str,
+    loss_weight: float,
+    avg_factor: float | torch.Tensor | None,
 ) -> None:
     if not isinstance(pred, torch.Tensor):
         raise TypeError(f"pred must be a torch.Tensor, got {type(pred).__name__}")
@@ -84,12 +121,19 @@ def _check_args(
         raise TypeError(f"n_bins must be an int, got {type(n_bins).__name__}")
     if not 2 <= n_bins <= MAX_BINS:
         raise ValueError(f"n_bins must be in [2, {MAX_BINS}], got {n_bins}")
+    _real_number("eps", eps)
     if not 0.0 <= eps < 1.0:
         raise ValueError(f"eps must be in [0, 1), got {eps}")
+    _real_number("max_loss", max_loss, allow_none=True)
     if max_loss is not None and not max_loss > 0:
         raise ValueError(f"max_loss must be positive or None, got {max_loss}")
+    _real_number("loss_weight", loss_weight)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if avg_factor is not None and reduction != "mean":
+        raise ValueError(
+            f"avg_factor divides a 'mean' loss; it cannot be used with reduction={reduction!r}"
+        )
 
 
 def stable_dfl_loss(
@@ -126,12 +170,12 @@ def stable_dfl_loss(
 def _stable_dfl_loss(
     pred, target, weight, avg_factor, mask, n_bins, eps, max_loss, reduction, loss_weight, backend
 ) -> tuple[torch.Tensor, str]:
-    _check_args(pred, target, n_bins, eps, max_loss, reduction)
+    _check_args(pred, target, n_bins, eps, max_loss, reduction, loss_weight, avg_factor)
     if backend not in BACKEND_CHOICES:
         raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
     rows = _rows(pred, target, n_bins)
     dtype = compute_dtype(pred.dtype)
-    flat_target = target.reshape(-1).to(dtype)
+    flat_target = _flat_target(target, n_bins, dtype)
     flat_weight = None if weight is None else _per_element("weight", weight, target, dtype)
     count: torch.Tensor | int = max(flat_target.numel(), 1)
     if mask is not None:
@@ -151,7 +195,8 @@ def _stable_dfl_loss(
     if reduction == "mean":
         loss = loss / _avg_factor(avg_factor, count, loss)
     if max_loss is not None:
-        loss = loss.clamp(max=max_loss)
+        # The cap bounds finite losses; an infinite one stays infinite, to be seen.
+        loss = torch.where(torch.isinf(loss), loss, loss.clamp(max=max_loss))
     return loss * loss_weight, chosen
 
 
@@ -163,13 +208,26 @@ def _avg_factor(
     if isinstance(avg_factor, torch.Tensor):
         if avg_factor.numel() != 1:
             raise ValueError(f"avg_factor must hold one number, got shape {_shape(avg_factor)}")
-        return avg_factor.reshape(()).to(like.dtype)
+        if avg_factor.dtype == torch.bool or avg_factor.is_complex():
+            raise TypeError(f"avg_factor must hold a real number, got {avg_factor.dtype}")
+        if avg_factor.device != like.device and avg_factor.device.type != "cpu":
+            raise ValueError(f"avg_factor is on {avg_factor.device} but pred is on {like.device}")
+        value = avg_factor.reshape(()).to(device=like.device, dtype=like.dtype)
+        # A NaN (a count computed from NaN outputs) gives a NaN loss, reported downstream; a
+        # value that is not positive is refused where reading it is free, and gives a NaN
+        # loss on a GPU, where reading it would cost a host sync.
+        if avg_factor.device.type == "cpu" and not torch.compiler.is_compiling():
+            number = float(avg_factor)
+            if not (math.isnan(number) or 0 < number < math.inf):
+                raise ValueError(f"avg_factor must be positive and finite, got {number}")
+            return value
+        return torch.where((value > 0) & (value < math.inf), value, float("nan"))
     if isinstance(avg_factor, bool) or not isinstance(avg_factor, numbers.Real):
         raise TypeError(
             f"avg_factor must be a number, a tensor or None, got {type(avg_factor).__name__}"
         )
-    if not avg_factor > 0:
-        raise ValueError(f"avg_factor must be positive, got {avg_factor}")
+    if not 0 < avg_factor < math.inf:
+        raise ValueError(f"avg_factor must be positive and finite, got {avg_factor}")
     return float(avg_factor)
 
 
@@ -213,7 +271,16 @@ class StableDFLLoss(nn.Module):
         super().__init__()
         if isinstance(n_bins, bool) or not isinstance(n_bins, numbers.Integral):
             raise TypeError(f"n_bins must be an int, got {type(n_bins).__name__}")
-        _check_args(torch.empty(0, n_bins), torch.empty(0), n_bins, eps, max_loss, reduction)
+        _check_args(
+            torch.empty(0, n_bins),
+            torch.empty(0),
+            n_bins,
+            eps,
+            max_loss,
+            reduction,
+            loss_weight,
+            None,
+        )
         if backend not in BACKEND_CHOICES:
             raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
         self.n_bins = n_bins

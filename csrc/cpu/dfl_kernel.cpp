@@ -39,6 +39,10 @@ template <typename T>
 inline SimdVec<T> keep_if_ge(const SimdVec<T>& a, const SimdVec<T>& b, const SimdVec<T>& value) {
   return value & (a >= b);
 }
+template <typename T>
+inline SimdVec<T> keep_if_gt(const SimdVec<T>& a, const SimdVec<T>& b, const SimdVec<T>& value) {
+  return value & (a > b);
+}
 }  // namespace stable_dfl
 
 #include "../dfl_row.h"
@@ -160,21 +164,6 @@ double forward_rows_typed(const DflForwardArgs& args, int64_t begin, int64_t end
   return sum;
 }
 
-template <typename scalar_t>
-void backward_rows_typed(const DflBackwardArgs& args, int64_t begin, int64_t end) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const auto* src = static_cast<const scalar_t*>(args.grad);
-  const auto* factor = static_cast<const acc_t*>(args.grad_loss);
-  auto* dst = static_cast<scalar_t*>(args.out);
-  const int64_t n_bins = args.n_bins;
-  for (int64_t i = begin; i < end; ++i) {
-    const acc_t scale = factor[args.per_row ? i : 0];
-    for (int64_t j = i * n_bins; j < (i + 1) * n_bins; ++j) {
-      dst[j] = static_cast<scalar_t>(static_cast<acc_t>(src[j]) * scale);
-    }
-  }
-}
-
 }  // namespace
 
 double dfl_forward_rows(const DflForwardArgs& args, int64_t begin, int64_t end) {
@@ -182,11 +171,6 @@ double dfl_forward_rows(const DflForwardArgs& args, int64_t begin, int64_t end) 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.dtype, "dfl_forward_cpu",
                                   [&] { sum = forward_rows_typed<scalar_t>(args, begin, end); });
   return sum;
-}
-
-void dfl_backward_rows(const DflBackwardArgs& args, int64_t begin, int64_t end) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.dtype, "dfl_backward_cpu",
-                                  [&] { backward_rows_typed<scalar_t>(args, begin, end); });
 }
 
 }  // namespace stable_dfl::cpu

@@ -19,7 +19,7 @@ namespace stable_dfl::cpu {
 
 // Bumped whenever anything in this header changes, so that a stale kernel library
 // (left behind by an older build) is refused instead of called with the wrong layout.
-constexpr int32_t kKernelAbiVersion = 1;
+constexpr int32_t kKernelAbiVersion = 2;
 
 // dfl_forward over rows [begin, end) of pred[N, n_bins] (contiguous, `dtype`).
 // target, weight and row_loss are of the accumulation type (float64 for float64
@@ -34,18 +34,6 @@ struct DflForwardArgs {
   const void* weight;
   void* row_loss;
   void* grad;
-};
-
-// out = grad * grad_loss over rows [begin, end) of grad[N, n_bins] (contiguous,
-// `dtype`), in the accumulation type and rounded once. grad_loss (accumulation type)
-// holds one factor per row when per_row, else one factor for all rows.
-struct DflBackwardArgs {
-  c10::ScalarType dtype;
-  int64_t n_bins;
-  const void* grad;
-  const void* grad_loss;
-  bool per_row;
-  void* out;
 };
 
 enum class GradChunkMode : int32_t {
@@ -73,7 +61,6 @@ struct CpuKernelTable {
   const char* isa;
   // Returns the float64 sum, in row order, of the rows' losses.
   double (*dfl_forward_rows)(const DflForwardArgs& args, int64_t begin, int64_t end);
-  void (*dfl_backward_rows)(const DflBackwardArgs& args, int64_t begin, int64_t end);
   GradChunkResult (*grad_chunk)(const GradChunkArgs& args);
 };
 

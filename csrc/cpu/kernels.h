@@ -7,7 +7,6 @@
 namespace stable_dfl::cpu {
 
 double dfl_forward_rows(const DflForwardArgs& args, int64_t begin, int64_t end);
-void dfl_backward_rows(const DflBackwardArgs& args, int64_t begin, int64_t end);
 GradChunkResult grad_chunk(const GradChunkArgs& args);
 
 }  // namespace stable_dfl::cpu

@@ -5,8 +5,9 @@
 extern "C" __attribute__((visibility("default"))) const stable_dfl::cpu::CpuKernelTable*
 stable_dfl_cpu_kernel_table() {
   static const stable_dfl::cpu::CpuKernelTable table{
-      stable_dfl::cpu::kKernelAbiVersion, STABLE_DFL_CPU_LEVEL,
-      &stable_dfl::cpu::dfl_forward_rows, &stable_dfl::cpu::dfl_backward_rows,
+      stable_dfl::cpu::kKernelAbiVersion,
+      STABLE_DFL_CPU_LEVEL,
+      &stable_dfl::cpu::dfl_forward_rows,
       &stable_dfl::cpu::grad_chunk,
   };
   return &table;

@@ -1,13 +1,14 @@
-"""The DFL ops: their definitions, fakes and autograd, and the dispatch to a backend.
+"""The DFL ops: their definitions, fakes, autograd and batching rules, and the dispatch.
 
 Two ops share one schema, ``(pred, target, weight?, eps, reduce_sum, need_grad) ->
 (loss, grad)``: ``stable_dfl::dfl_forward`` (C++/CUDA kernels registered by
 ``stable_dfl._C``) and ``stable_dfl::dfl_forward_triton`` (defined here, its kernel in
-:mod:`.triton_dfl`). Each computes, in one pass, each row's loss (or their deterministic
-sum) and, when a gradient is needed, the gradient of that sum in its own buffer. Backward
-only scales that buffer by the incoming gradient (``dfl_backward``). It scales into a new
-tensor rather than in place: the saved buffer must survive for ``retain_graph=True``,
-``gradcheck`` and Jacobians, which run backward through the same graph more than once.
+:mod:`.triton_dfl`). Each computes, in one pass over the logits, each row's loss (or their
+deterministic sum) and, with ``need_grad``, the gradient of the (weighted) sum. The forward
+of a loss asks for no gradient; its backward calls the same kernel again with the incoming
+gradient folded into the weights (:func:`dfl_grad`), so nothing gradient-sized is kept
+between the two and ``retain_graph=True``, ``gradcheck`` and Jacobians can run backward
+through the same graph any number of times.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from .reference import MAX_BINS, compute_dtype, dfl_reference
+from .reference import MAX_BINS, compute_dtype, dfl_reference, dfl_reference_grad
 
 DFL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -99,60 +100,131 @@ def _fake_dfl_forward(op_name: str):
     return fake
 
 
-def _fake_dfl_backward(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
-    op_name = "stable_dfl::dfl_backward"
-    torch._check_value(
-        grad.dim() == 2, lambda: f"{op_name}: grad must be [N, n_bins], got {tuple(grad.shape)}"
-    )
-    torch._check_value(
-        grad_loss.dim() == 0 or (grad_loss.dim() == 1 and grad_loss.shape[0] == grad.shape[0]),
-        lambda: (
-            f"{op_name}: grad_loss must be 0-dim or [N] with N = {grad.shape[0]}, "
-            f"got {tuple(grad_loss.shape)}"
-        ),
-    )
-    torch._check_type(
-        grad.dtype in DFL_DTYPES,
-        lambda: f"{op_name}: grad must be float16, bfloat16, float32 or float64, got {grad.dtype}",
-    )
-    return torch.empty_like(grad)
+def dfl_grad(
+    op: torch._ops.OpOverloadPacket,
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    grad_loss: torch.Tensor,
+) -> torch.Tensor:
+    """The gradient of ``sum(row_losses * grad_loss)`` with respect to ``pred`` (``grad_loss``
+    0-dim or ``[N]``), by the kernel ``op`` that computed the forward.
+
+    A row's gradient is linear in its weight, so the kernel computes it with ``weight *
+    grad_loss`` as the weights: in fp32 (fp64 for fp64 logits) and rounded once to pred's
+    dtype, reading the logits again rather than a gradient buffer kept since the forward
+    (one gradient-sized allocation per forward + backward). Where the gradient must itself be
+    differentiable (``create_graph=True``, ``torch.func`` transforms), the closed form of the
+    reference computes it instead.
+    """
+    if torch.is_grad_enabled() or _is_functorch_tensor(grad_loss):
+        return dfl_reference_grad(pred, target, weight, eps, grad_loss)
+    scale = grad_loss.to(compute_dtype(pred.dtype)).expand(target.shape)
+    row_weight = scale if weight is None else weight.to(scale.dtype) * scale
+    _, grad = op(pred, target, row_weight.contiguous(), eps, True, True)
+    return grad
 
 
-def _setup_context(ctx, inputs, output):
-    _, grad = output
-    ctx.mark_non_differentiable(grad)
-    # Otherwise autograd hands backward a zero-filled tensor the size of pred for the unused
-    # gradient of `grad`: a wasted allocation and memset as large as the kernel's own output.
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(grad)
+def _is_functorch_tensor(tensor: torch.Tensor) -> bool:
+    return torch._C._functorch.is_functorch_wrapped_tensor(tensor)
 
 
-def _backward(ctx, grad_loss, _grad_of_grad):
-    if grad_loss is None:  # the loss did not reach the output being differentiated
-        return None, None, None, None, None, None
-    (grad,) = ctx.saved_tensors
-    return scale_saved_grad(grad, grad_loss), None, None, None, None, None
+def _op_autograd(op_name: str):
+    """setup_context and backward of an op called directly (``torch.ops.stable_dfl.*``)."""
+    op = getattr(torch.ops.stable_dfl, op_name.removeprefix("stable_dfl::"))
+
+    def setup_context(ctx, inputs, output):
+        pred, target, weight, eps, _, _ = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(pred, target, weight)
+        ctx.eps = eps
+
+    def backward(ctx, grad_loss, _grad_of_grad):
+        if grad_loss is None:  # the loss did not reach the output being differentiated
+            return None, None, None, None, None, None
+        pred, target, weight = ctx.saved_tensors
+        return dfl_grad(op, pred, target, weight, ctx.eps, grad_loss), None, None, None, None, None
+
+    return setup_context, backward
 
 
-def scale_saved_grad(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
-    """``grad * grad_loss`` per row (``grad_loss`` 0-dim or ``[N]``), computed in fp32 and rounded
-    once to grad's dtype: the compiled ``dfl_backward`` kernel where one exists for the device."""
-    if backends.compiled_available(grad.device.type, "dfl_backward"):
-        return torch.ops.stable_dfl.dfl_backward(grad, grad_loss)
-    # An fp32 [1, 1] / [N, 1] factor keeps the product in fp32 until the final cast.
-    scale = grad_loss.reshape(1, 1) if grad_loss.dim() == 0 else grad_loss.unsqueeze(-1)
-    return (grad * scale).to(grad.dtype)
+class DFLRows(torch.autograd.Function):
+    """The loss of rows on a kernel backend, as one autograd node that ``torch.func`` can
+    transform: ``grad``/``vjp`` through :func:`dfl_grad`, ``jvp``/``jacfwd`` through
+    :meth:`jvp`, ``vmap`` through the ops' batching rules. Gradients flow to pred only."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(pred, target, weight, eps, reduce_sum, backend):
+        loss, _ = backends.op(backend, backends.DFL_FORWARD)(
+            pred, target, weight, eps, reduce_sum, False
+        )
+        return loss
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pred, target, weight, eps, reduce_sum, backend = inputs
+        ctx.save_for_backward(pred, target, weight)
+        ctx.save_for_forward(pred, target, weight)
+        ctx.eps, ctx.reduce_sum, ctx.backend = eps, reduce_sum, backend
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        pred, target, weight = ctx.saved_tensors
+        op = backends.op(ctx.backend, backends.DFL_FORWARD)
+        return dfl_grad(op, pred, target, weight, ctx.eps, grad_loss), None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, pred_tangent, *_constant_tangents):
+        pred, target, weight = ctx.saved_tensors
+        ones = torch.ones(target.shape, dtype=compute_dtype(pred.dtype), device=pred.device)
+        row_grad = dfl_reference_grad(pred, target, weight, ctx.eps, ones)
+        dtype = compute_dtype(pred.dtype)
+        row_tangent = (row_grad.to(dtype) * pred_tangent.to(dtype)).sum(-1)
+        return row_tangent.sum() if ctx.reduce_sum else row_tangent
+
+
+def _batched_dfl_forward(op_name: str):
+    """The vmap rule of a ``dfl_forward``-schema op: the batch is flattened into rows."""
+    op = getattr(torch.ops.stable_dfl, op_name.removeprefix("stable_dfl::"))
+
+    def rule(info, in_dims, pred, target, weight, eps, reduce_sum, need_grad):
+        size = info.batch_size
+
+        def batch_first(value, dim):
+            if value is None:
+                return None
+            return value.movedim(dim, 0) if dim is not None else value.expand(size, *value.shape)
+
+        pred = batch_first(pred, in_dims[0])
+        target = batch_first(target, in_dims[1])
+        weight = batch_first(weight, in_dims[2])
+        n_rows, n_bins = pred.shape[1:]
+        rows = pred.reshape(size * n_rows, n_bins)
+        flat_weight = None if weight is None else weight.reshape(-1)
+        loss, grad = op(rows, target.reshape(-1), flat_weight, eps, False, need_grad)
+        loss = loss.reshape(size, n_rows)
+        if reduce_sum:
+            loss = loss.sum(-1)
+        grad = grad.reshape(size, n_rows, n_bins) if need_grad else grad.new_empty(size, 0)
+        return (loss, grad), (0, 0)
+
+    return rule
 
 
 def _register(op_name: str) -> None:
     torch.library.register_fake(op_name)(_fake_dfl_forward(op_name))
-    torch.library.register_autograd(op_name, _backward, setup_context=_setup_context)
+    setup_context, backward = _op_autograd(op_name)
+    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
+    torch.library.register_vmap(op_name, _batched_dfl_forward(op_name))
 
 
 _register("stable_dfl::dfl_forward_triton")
 if backends.extension_error() is None:
     _register("stable_dfl::dfl_forward")
-    torch.library.register_fake("stable_dfl::dfl_backward")(_fake_dfl_backward)
 
 
 def dfl_rows(
@@ -166,15 +238,20 @@ def dfl_rows(
     """Loss of ``pred[N, n_bins]`` rows against ``target[N]`` on a resolved ``backend``.
 
     Returns the per-row losses ``[N]``, or their sum as a 0-dim tensor when ``reduce_sum``;
-    in fp32 (fp64 for fp64 logits). Differentiable with respect to ``pred``.
+    in fp32 (fp64 for fp64 logits). Differentiable with respect to ``pred`` only, to any
+    order and under ``torch.func`` transforms.
     """
     if backend == "reference":
-        # Gradients flow to pred only, as from the compiled kernels: target and weight are
-        # constants of the loss (ultralytics and mmdetection detach them too).
+        # Gradients flow to pred only, as from the kernels: target and weight are constants
+        # of the loss (ultralytics and mmdetection detach them too).
         constant_weight = None if weight is None else weight.detach()
         loss = dfl_reference(pred, target.detach(), constant_weight, eps)
         return loss.sum() if reduce_sum else loss
-    need_grad = torch.is_grad_enabled() and pred.requires_grad
-    op = backends.op(backend, backends.DFL_FORWARD)
-    loss, _ = op(pred, target, weight, eps, reduce_sum, need_grad)
-    return loss
+    target = target.detach()
+    weight = None if weight is None else weight.detach()
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace a custom jvp: compiled code calls the op, whose own autograd
+        # (the same dfl_grad) it traces instead.
+        op = backends.op(backend, backends.DFL_FORWARD)
+        return op(pred, target, weight, eps, reduce_sum, False)[0]
+    return DFLRows.apply(pred, target, weight, eps, reduce_sum, backend)

@@ -7,21 +7,22 @@ optional 1-element float32 ``inv_scale``::
     v_i         = g_i                                    # or, with inv_scale:
     v_i         = (g_i.to(opmath) * inv_scale).to(g_i.dtype)   # GradScaler's unscale
     nonfinite_i = any(!isfinite(v_i))
-    sumsq       = sum over i with !nonfinite_i of sum(v_i ** 2)   # fp32 or better
-    found       = 1.0 if any(nonfinite_i) or sumsq (rounded to fp32) is inf, else 0.0
+    sumsq       = sum over i with !nonfinite_i of sum(float64(v_i) ** 2)   # float64
+    found       = 1.0 if any(nonfinite_i) or sumsq is inf, else 0.0
 
 where opmath is float64 for float64 gradients and float32 otherwise. The in-place variant
 also stores ``v_i`` into ``g_i``. Tensors holding a NaN/Inf are left out of ``sumsq``, so
 the norm of the healthy tensors stays readable when one tensor goes bad.
 
 Backends, all behind :func:`grad_sumsq_nonfinite`: the compiled C++ (CPU, float64
-accumulation, deterministic) and CUDA (multi-tensor apply, float32 per chunk, float64
-across chunks) kernels of ``stable_dfl._C``, the Triton kernels of
+accumulation, deterministic) and CUDA (multi-tensor apply, float64 squares and sums) kernels of ``stable_dfl._C``, the Triton kernels of
 :mod:`.triton_grad_norm` (GPUs without the compiled extension) and the reference.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable
 
 import torch
@@ -53,7 +54,7 @@ def grad_sumsq_nonfinite_reference(
         flags.append(bad)
         total = total + torch.where(bad, 0.0, wide.square().sum())
     nonfinite = torch.stack(flags)
-    sumsq = total.float()
+    sumsq = total
     found = (nonfinite.any() | torch.isinf(sumsq)).float()
     return sumsq, found, nonfinite
 
@@ -82,7 +83,7 @@ def _fake_grad_sumsq_nonfinite(grads, inv_scale=None) -> SumsqResult:
             ),
         )
     return (
-        grads[0].new_empty((), dtype=torch.float32),
+        grads[0].new_empty((), dtype=torch.float64),
         grads[0].new_empty((), dtype=torch.float32),
         grads[0].new_empty((len(grads),), dtype=torch.bool),
     )
@@ -149,6 +150,11 @@ def resolve_grad_norm_backend(backend: str, device: torch.device) -> str:
 
 
 def _checked_grads(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    if isinstance(tensors, torch.Tensor):
+        raise TypeError(
+            "tensors must be a list (or other iterable) of tensors, got one tensor: "
+            "pass [tensor] to check a single tensor"
+        )
     grads = list(tensors)
     for index, grad in enumerate(grads):
         if not isinstance(grad, torch.Tensor):
@@ -168,14 +174,34 @@ def _checked_grads(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
             f"all tensors must be on one device, got {sorted(map(str, devices))}; "
             "call once per device (GradGuard does)"
         )
+    if devices == {torch.device("meta")}:
+        raise ValueError("the tensors are on the meta device: they hold no values to check")
     return grads
 
 
 def _inv_scale_tensor(inv_scale: torch.Tensor | float, device: torch.device) -> torch.Tensor:
+    """``inv_scale`` as a 1-element float32 tensor on ``device``. Its value must be positive
+    and finite; a tensor on a GPU is not read to check it (that would cost a host sync)."""
     if not isinstance(inv_scale, torch.Tensor):
+        if isinstance(inv_scale, bool) or not isinstance(inv_scale, numbers.Real):
+            raise TypeError(
+                f"inv_scale must be a number or a tensor, got {type(inv_scale).__name__}"
+            )
+        if not (math.isfinite(inv_scale) and inv_scale > 0):
+            raise ValueError(f"inv_scale must be positive and finite, got {inv_scale}")
         return torch.full((1,), float(inv_scale), dtype=torch.float32, device=device)
     if inv_scale.numel() != 1:
         raise ValueError(f"inv_scale must hold one element, got shape {tuple(inv_scale.shape)}")
+    if inv_scale.device.type == "meta":
+        raise ValueError("inv_scale is on the meta device: it holds no value")
+    if not inv_scale.is_floating_point():
+        raise TypeError(f"inv_scale must be a floating-point tensor, got {inv_scale.dtype}")
+    if (
+        inv_scale.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not (math.isfinite(float(inv_scale)) and float(inv_scale) > 0)
+    ):
+        raise ValueError(f"inv_scale must be positive and finite, got {float(inv_scale)}")
     return inv_scale.to(device=device, dtype=torch.float32).reshape(1)
 
 
@@ -188,7 +214,7 @@ def grad_sumsq_nonfinite(
 ) -> SumsqResult:
     """One pass over ``tensors``: ``(sumsq, found_nonfinite, nonfinite)`` (module docstring).
 
-    ``sumsq`` and ``found_nonfinite`` are 0-dim float32, ``nonfinite`` is bool, one flag per
+    ``sumsq`` is 0-dim float64, ``found_nonfinite`` 0-dim float32, ``nonfinite`` bool, one flag per
     tensor, all on the tensors' device. With ``inv_scale`` the values are unscaled first;
     ``in_place=True`` stores the unscaled values back (GradScaler's unscale, fused).
     An empty list gives ``(0, 0, [])`` on ``inv_scale``'s device, else on the CPU.
@@ -200,7 +226,7 @@ def grad_sumsq_nonfinite(
     if not grads:
         device = inv_scale.device if isinstance(inv_scale, torch.Tensor) else torch.device("cpu")
         zero = torch.zeros((), dtype=torch.float32, device=device)
-        return zero, zero.clone(), torch.zeros(0, dtype=torch.bool, device=device)
+        return zero.double(), zero, torch.zeros(0, dtype=torch.bool, device=device)
     device = grads[0].device
     scale = None if inv_scale is None else _inv_scale_tensor(inv_scale, device)
     chosen = resolve_grad_norm_backend(backend, device)
@@ -218,11 +244,12 @@ def grad_norm_and_nonfinite(
     """L2 norm of the finite tensors of ``tensors`` and which tensors hold a NaN/Inf.
 
     Returns ``(total_norm, nonfinite)``: ``total_norm`` a 0-dim float32 tensor, the norm
-    over the elements of the tensors free of NaN/Inf (accumulated in float32 or better,
-    so float16 gradients whose float16 norm overflows still get a finite norm);
+    over the elements of the tensors free of NaN/Inf (squared and summed in float64, so no
+    finite float32/16 gradient overflows it and no tiny one flushes it to 0; inf only when
+    the norm itself exceeds float32's range);
     ``nonfinite`` a bool tensor with one flag per input tensor. One pass, no host sync;
     the inputs are never modified. With ``inv_scale`` (a GradScaler's ``1 / scale``) the
     norm is that of the unscaled values. Tensors must share one device.
     """
     sumsq, _, nonfinite = grad_sumsq_nonfinite(tensors, inv_scale, backend=backend)
-    return sumsq.sqrt(), nonfinite
+    return sumsq.sqrt().float(), nonfinite

@@ -5,16 +5,21 @@ continuous targets ``target[N]`` in bin units and optional weights ``weight[N]``
 
     t  = target.clamp(0, n_bins - 1 - 0.01)
     tl = floor(t); tr = tl + 1; wl = tr - t; wr = t - tl
-    p  = softmax(pred, -1).clamp(min=eps)                  # probability floor
-    l  = -(wl * log p[tl] + wr * log p[tr])                # per row
+    lp = log_softmax(pred, -1).clamp(min=log(eps))        # probability floor, in log space
+    l  = -(wl * lp[tl] + wr * lp[tr])                      # per row; a zero wl or wr adds 0
     l  = l * weight                                        # if given
 
-computed in fp32 for fp16/bf16/fp32 logits and in fp64 for fp64 logits.
-A row whose logits or target hold a NaN or an Inf yields NaN (loss and gradient):
+computed in fp32 for fp16/bf16/fp32 logits and in fp64 for fp64 logits. The log-space
+floor is ``log(softmax(pred).clamp(min=eps))`` without the underflow: with ``eps=0`` a
+probability too small for the dtype still has its finite log. The gradient, with respect
+to ``pred`` only (target and weight are constants), is :func:`dfl_reference_grad`.
+A row whose logits, target or weight hold a NaN or an Inf yields NaN (loss and gradient):
 non-finite input is reported, never clamped into a finite loss.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -33,6 +38,34 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _two_hot(target: torch.Tensor, n_bins: int):
+    t = torch.nan_to_num(target, nan=0.0).clamp(0, n_bins - 1 - TARGET_MARGIN)
+    left = t.floor()
+    return left.long(), (left + 1) - t, t - left
+
+
+def _poisoned_logits(
+    pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None
+) -> torch.Tensor:
+    """Logits in the compute dtype, a row all NaN where its logits, target or weight are not
+    finite."""
+    logits = pred.to(compute_dtype(pred.dtype))
+    bad_row = ~(torch.isfinite(logits).all(dim=-1) & torch.isfinite(target))
+    if weight is not None:
+        bad_row = bad_row | ~torch.isfinite(weight)
+    return logits + torch.where(bad_row, float("nan"), 0.0).to(logits.dtype).unsqueeze(-1)
+
+
+def _floored_log_probs(logits: torch.Tensor, eps: float) -> torch.Tensor:
+    log_p = torch.log_softmax(logits, dim=-1)
+    return log_p.clamp(min=math.log(eps)) if eps > 0 else log_p
+
+
+def _weighted(weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``weight * value``, exactly 0 where the weight is 0 (even for an infinite value)."""
+    return torch.where(weight == 0, 0.0, weight * value)
+
+
 def dfl_reference(
     pred: torch.Tensor,
     target: torch.Tensor,
@@ -44,21 +77,50 @@ def dfl_reference(
     Differentiable with respect to ``pred`` through autograd.
     """
     dtype = compute_dtype(pred.dtype)
-    n_bins = pred.shape[-1]
-    logits = pred.to(dtype)
     target = target.to(dtype)
-    bad_row = ~(torch.isfinite(logits).all(dim=-1) & torch.isfinite(target))
-    # Adding NaN to the whole row makes its loss and its gradient NaN.
-    logits = logits + torch.where(bad_row, float("nan"), 0.0).to(dtype).unsqueeze(-1)
-    t = torch.nan_to_num(target, nan=0.0).clamp(0, n_bins - 1 - TARGET_MARGIN)
-    left = t.floor()
-    right = left + 1
-    w_left = right - t
-    w_right = t - left
-    log_p = torch.softmax(logits, dim=-1).clamp(min=eps).log()
-    logp_left = log_p.gather(-1, left.long().unsqueeze(-1)).squeeze(-1)
-    logp_right = log_p.gather(-1, right.long().unsqueeze(-1)).squeeze(-1)
-    loss = -(w_left * logp_left + w_right * logp_right)
+    logits = _poisoned_logits(pred, target, weight)
+    left, w_left, w_right = _two_hot(target, pred.shape[-1])
+    log_p = _floored_log_probs(logits, eps)
+    logp_left = log_p.gather(-1, left.unsqueeze(-1)).squeeze(-1)
+    logp_right = log_p.gather(-1, (left + 1).unsqueeze(-1)).squeeze(-1)
+    loss = -(_weighted(w_left, logp_left) + _weighted(w_right, logp_right))
     if weight is not None:
         loss = loss * weight.to(dtype)
     return loss
+
+
+def dfl_reference_grad(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    grad_loss: torch.Tensor,
+) -> torch.Tensor:
+    """The gradient of ``sum(dfl_reference(pred, ...) * grad_loss)`` with respect to ``pred``
+    (``grad_loss`` 0-dim or ``[N]``), in closed form, computed in the compute dtype and rounded
+    once to pred's dtype.
+
+    Written with differentiable ops, so that it has derivatives of its own: double backward,
+    ``torch.func`` transforms and Hessians go through it. Per row, with ``lp`` the log
+    probabilities and ``a_k = w_k`` where ``lp[k] >= log(eps)`` (the floor passes no gradient
+    below it), else 0: ``weight * (softmax(pred) * (a_l + a_r) - a_l * onehot(tl) - a_r *
+    onehot(tr))``.
+    """
+    dtype = compute_dtype(pred.dtype)
+    target = target.detach().to(dtype)
+    logits = _poisoned_logits(pred, target, weight)
+    left, w_left, w_right = _two_hot(target, pred.shape[-1])
+    log_p = torch.log_softmax(logits, dim=-1)
+    log_eps = math.log(eps) if eps > 0 else -math.inf
+    logp_left = log_p.gather(-1, left.unsqueeze(-1)).squeeze(-1)
+    logp_right = log_p.gather(-1, (left + 1).unsqueeze(-1)).squeeze(-1)
+    active_left = torch.where(logp_left >= log_eps, w_left, 0.0)
+    active_right = torch.where(logp_right >= log_eps, w_right, 0.0)
+    scale = grad_loss.to(dtype).expand(target.shape)
+    if weight is not None:
+        scale = scale * weight.detach().to(dtype)
+    two_hot = torch.zeros_like(log_p)
+    two_hot = two_hot.scatter_add(-1, left.unsqueeze(-1), active_left.unsqueeze(-1))
+    two_hot = two_hot.scatter_add(-1, (left + 1).unsqueeze(-1), active_right.unsqueeze(-1))
+    grad = log_p.exp() * (active_left + active_right).unsqueeze(-1) - two_hot
+    return (grad * scale.unsqueeze(-1)).to(pred.dtype)

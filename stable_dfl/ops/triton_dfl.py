@@ -88,7 +88,7 @@ def _dfl_forward_kernel(
 
     # finish_row
     log_sum = tl.log(sum_exp)
-    poison = (log_sum - log_sum) + (target - target)
+    poison = (log_sum - log_sum) + (target - target) + (weight - weight)
     logp_left = x_left - log_sum
     logp_right = x_right - log_sum
     eps_floor = (tl.zeros([BLOCK_ROWS], COMPUTE_DTYPE) + log_eps).to(COMPUTE_DTYPE)
@@ -100,7 +100,9 @@ def _dfl_forward_kernel(
     active_right = tl.where(right_active, w_right, 0.0)
     clamped_left = tl.where(left_active, logp_left, eps_floor)
     clamped_right = tl.where(right_active, logp_right, eps_floor)
-    loss = weight * -(w_left * clamped_left + w_right * clamped_right) + poison
+    # A target on a bin (w_right == 0) adds exactly 0, even at eps == 0 with a log of -inf.
+    right_term = tl.where(w_right > 0.0, w_right * clamped_right, 0.0)
+    loss = weight * -(w_left * clamped_left + right_term) + poison
 
     if REDUCE_SUM:
         block_sum = tl.sum(tl.where(row_in, loss, 0.0).to(tl.float64), axis=0)

@@ -40,16 +40,18 @@ def _chunk_sumsq_kernel(
     tensor_flag_ptr,
     UNSCALE: tl.constexpr,
     WRITE_BACK: tl.constexpr,
-    ACC_FP64: tl.constexpr,
+    OPMATH_FP64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    # GradScaler unscales in opmath (float64 for float64 gradients, else float32); the squares
+    # are float64 whatever the dtype, so a finite gradient never overflows or underflows them.
+    opmath = tl.float64 if OPMATH_FP64 else tl.float32
     if UNSCALE:
-        inv_scale = tl.load(inv_scale_ptr).to(acc_dtype)
+        inv_scale = tl.load(inv_scale_ptr).to(opmath)
     for chunk in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
         start = tl.load(chunk_offset_ptr + chunk)
         length = tl.load(chunk_length_ptr + chunk)
-        sumsq = tl.zeros([BLOCK], acc_dtype)
+        sumsq = tl.zeros([BLOCK], tl.float64)
         bad = tl.zeros([BLOCK], tl.int32)
         for offset in range(0, length, BLOCK):
             index = offset + tl.arange(0, BLOCK)
@@ -57,14 +59,14 @@ def _chunk_sumsq_kernel(
             x = tl.load(base_ptr + start + index, mask=mask, other=0.0)
             if UNSCALE:
                 # GradScaler's rounding: multiply in opmath, round once to the dtype.
-                x = (x.to(acc_dtype) * inv_scale).to(base_ptr.dtype.element_ty)
+                x = (x.to(opmath) * inv_scale).to(base_ptr.dtype.element_ty)
                 if WRITE_BACK:
                     tl.store(base_ptr + start + index, x, mask=mask)
-            x = x.to(acc_dtype)
+            x = x.to(tl.float64)
             sumsq += x * x
             # |x| < inf is false exactly for NaN and +-Inf (no libdevice isfinite needed).
             bad = tl.maximum(bad, (~(tl.abs(x) < float("inf"))).to(tl.int32))
-        tl.store(partial_ptr + chunk, tl.sum(sumsq, axis=0).to(tl.float32))
+        tl.store(partial_ptr + chunk, tl.sum(sumsq, axis=0))
         # int32 max is an OR that any number of chunks of one tensor can race on.
         tl.atomic_max(tensor_flag_ptr + tl.load(chunk_tensor_ptr + chunk), tl.max(bad, axis=0))
 
@@ -88,7 +90,7 @@ def _finalize_kernel(
         partial = tl.load(partial_ptr + index, mask=mask, other=0.0)
         tensor = tl.load(chunk_tensor_ptr + index, mask=mask, other=0)
         tensor_bad = tl.load(tensor_flag_ptr + tensor, mask=mask, other=1)
-        total += tl.where(tensor_bad == 0, partial.to(tl.float64), 0.0)
+        total += tl.where(tensor_bad == 0, partial, 0.0)
     any_bad = tl.zeros([BLOCK], tl.int32)
     for offset in range(0, n_tensors, BLOCK):
         index = offset + tl.arange(0, BLOCK)
@@ -96,7 +98,7 @@ def _finalize_kernel(
         flag = tl.load(tensor_flag_ptr + index, mask=mask, other=0)
         tl.store(nonfinite_ptr + index, (flag != 0).to(tl.uint8), mask=mask)
         any_bad = tl.maximum(any_bad, flag)
-    sumsq = tl.sum(total, axis=0).to(tl.float32)
+    sumsq = tl.sum(total, axis=0)
     found = (tl.max(any_bad, axis=0) > 0) | ~(sumsq < float("inf"))
     tl.store(sumsq_ptr, sumsq)
     tl.store(found_ptr, found.to(tl.float32))
@@ -145,7 +147,7 @@ def grad_sumsq_nonfinite_triton(
     table = torch.tensor([offsets, lengths, tensors], dtype=torch.int64).to(device)
     chunk_offset, chunk_length, chunk_tensor = table[0], table[1], table[2]
 
-    partial = torch.empty(n_chunks, dtype=torch.float32, device=device)
+    partial = torch.empty(n_chunks, dtype=torch.float64, device=device)
     tensor_flag = torch.zeros(n_tensors, dtype=torch.int32, device=device)
     for base, first_chunk, count in groups:
         chunks = slice(first_chunk, first_chunk + count)
@@ -160,12 +162,12 @@ def grad_sumsq_nonfinite_triton(
             tensor_flag,
             UNSCALE=inv_scale is not None,
             WRITE_BACK=write_back,
-            ACC_FP64=base.dtype == torch.float64,
+            OPMATH_FP64=base.dtype == torch.float64,
             BLOCK=BLOCK,
             num_warps=8,
         )
 
-    sumsq = torch.empty((), dtype=torch.float32, device=device)
+    sumsq = torch.empty((), dtype=torch.float64, device=device)
     found = torch.empty((), dtype=torch.float32, device=device)
     nonfinite = torch.empty(n_tensors, dtype=torch.uint8, device=device)
     _finalize_kernel[(1,)](

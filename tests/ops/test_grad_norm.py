@@ -66,8 +66,8 @@ def float64_sumsq(grads: list[torch.Tensor], skip: set[int] = frozenset()) -> fl
 def test_sum_of_squares_matches_float64(backend: str, seed: int) -> None:
     grads = random_grads(seed)
     sumsq, found, nonfinite = grad_sumsq_nonfinite(grads, backend=backend)
-    assert sumsq.dtype == torch.float32 and sumsq.shape == ()
-    assert found.item() == 0.0
+    assert sumsq.dtype == torch.float64 and sumsq.shape == ()
+    assert found.dtype == torch.float32 and found.item() == 0.0
     assert nonfinite.dtype == torch.bool and not nonfinite.any() and len(nonfinite) == len(grads)
     assert sumsq.item() == pytest.approx(float64_sumsq(grads), rel=2e-6)
 
@@ -155,7 +155,7 @@ def test_cpu_kernel_is_deterministic_across_thread_counts() -> None:
             results.append(grad_sumsq_nonfinite(grads, torch.tensor(0.5), backend="cpu")[0])
     finally:
         torch.set_num_threads(threads)
-    assert all(torch.equal(r.view(torch.int32), results[0].view(torch.int32)) for r in results)
+    assert all(torch.equal(r.view(torch.int64), results[0].view(torch.int64)) for r in results)
 
 
 @pytest.mark.parametrize("backend", BACKENDS_HERE)
@@ -169,11 +169,20 @@ def test_float16_grads_whose_torch_norm_overflows_get_a_finite_norm(backend: str
     assert not nonfinite.any()
 
 
-# numpy, under Triton's interpreter, warns about the float32 overflow this test makes.
-@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 @pytest.mark.parametrize("backend", BACKENDS_HERE)
-def test_overflowing_sum_of_squares_is_flagged_but_no_tensor_is(backend: str) -> None:
-    grads = [torch.full((4,), 3e38), torch.ones(2)]
+def test_finite_float32_gradients_never_overflow_or_underflow_the_sum(backend: str) -> None:
+    # Squared in float32, 3e38 overflows and 1e-30 flushes to 0: in float64 neither does.
+    grads = [torch.full((4,), 3e38), torch.ones(2), torch.full((3,), 1e-30)]
+    sumsq, found, nonfinite = grad_sumsq_nonfinite(grads, backend=backend)
+    assert sumsq.item() == pytest.approx(4 * 3e38**2 + 2, rel=1e-6)
+    assert found.item() == 0.0 and not nonfinite.any()
+    tiny, _, _ = grad_sumsq_nonfinite([torch.full((3,), 1e-30)], backend=backend)
+    assert tiny.item() == pytest.approx(3e-60, rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_a_float64_sum_that_overflows_is_flagged_but_no_tensor_is(backend: str) -> None:
+    grads = [torch.full((4,), 1e300, dtype=torch.float64), torch.ones(2, dtype=torch.float64)]
     sumsq, found, nonfinite = grad_sumsq_nonfinite(grads, backend=backend)
     assert math.isinf(sumsq.item()) and found.item() == 1.0 and not nonfinite.any()
 
@@ -205,6 +214,17 @@ def test_bad_inputs_raise_clear_errors() -> None:
         grad_norm_and_nonfinite([torch.randn(2)], torch.ones(2))
     with pytest.raises(backends.BackendUnavailableError, match="cuda"):
         grad_norm_and_nonfinite([torch.randn(2)], backend="cuda")
+    with pytest.raises(TypeError, match=r"got one tensor: pass \[tensor\]"):
+        grad_norm_and_nonfinite(torch.randn(3, 2))
+    with pytest.raises(ValueError, match="meta device"):
+        grad_norm_and_nonfinite([torch.randn(2, device="meta")])
+    for bad_scale in (0.0, -1.0, math.inf, torch.tensor(0.0), torch.tensor([-2.0])):
+        with pytest.raises(ValueError, match="inv_scale must be positive and finite"):
+            grad_norm_and_nonfinite([torch.randn(2)], bad_scale)
+    with pytest.raises(ValueError, match="inv_scale is on the meta device"):
+        grad_norm_and_nonfinite([torch.randn(2)], torch.ones(1, device="meta"))
+    with pytest.raises(TypeError, match="inv_scale must be a number or a tensor, got str"):
+        grad_norm_and_nonfinite([torch.randn(2)], "0.5")
 
 
 @needs_compiled_cpu
