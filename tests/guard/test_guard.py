@@ -343,3 +343,38 @@ def test_gradients_on_two_devices_are_measured_per_device() -> None:
     assert result.offenders == ["4.bias"]
     finite_part = [p.grad.cpu() for n, p in model.named_parameters() if n != "4.bias"]
     assert result.total_norm == pytest.approx(nn.utils.get_total_norm(finite_part).item(), rel=1e-6)
+
+
+def _model_with_grads(*grads: torch.Tensor) -> nn.Module:
+    model = nn.ParameterList([nn.Parameter(torch.zeros_like(g)) for g in grads])
+    for parameter, grad in zip(model, grads, strict=True):
+        parameter.grad = grad.clone()
+    return model
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_finite_gradients_get_a_finite_norm_however_large_or_small(backend: str) -> None:
+    huge = _model_with_grads(torch.tensor([1e20, 0.0]), torch.zeros(3))
+    result = GradGuard(huge.named_parameters(), max_norm=1.0, backend=backend).check_and_clip()
+    assert result.finite and not result.skipped and result.offenders == []
+    assert result.total_norm == pytest.approx(1e20, rel=1e-6)
+    assert huge[0].grad[0].item() == pytest.approx(1.0, rel=1e-5)  # clipped, not zeroed
+    tiny = _model_with_grads(torch.tensor([3.2e-39, 0.0]))
+    result = GradGuard(tiny.named_parameters(), max_norm=1.0, backend=backend).check_and_clip()
+    assert result.finite and result.total_norm == pytest.approx(3.2e-39, rel=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_a_norm_beyond_float32_is_reported_as_such(backend: str) -> None:
+    model = _model_with_grads(torch.full((4,), 3e38))
+    result = GradGuard(model.named_parameters(), max_norm=1.0, backend=backend).check_and_clip()
+    assert not result.finite and result.skipped and math.isinf(result.total_norm)
+    assert result.offenders == []  # no gradient holds a NaN/Inf: the norm itself overflowed
+
+
+def test_bad_guard_arguments_are_named() -> None:
+    model = make_model()
+    with pytest.raises(TypeError, match="max_norm must be a number or None, got str"):
+        GradGuard(model.named_parameters(), max_norm="1")
+    with pytest.raises(TypeError, match="max_offenders must be an int, got float"):
+        GradGuard(model.named_parameters(), max_norm=1.0, max_offenders=2.5)

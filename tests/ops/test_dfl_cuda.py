@@ -10,6 +10,7 @@ import torch
 from stable_dfl import BackendUnavailableError, resolve_backend, stable_dfl_loss
 from stable_dfl.ops import backends
 
+from ..support.autograd_contract_suite import *  # noqa: F403  (the shared tests, run here with the fixtures below)
 from ..support.dfl_cases import assert_close_to_reference, expected, random_case
 from ..support.fused_backend_suite import *  # noqa: F403  (the shared tests, run here with the fixtures below)
 from ..support.fused_backend_suite import run_backend

@@ -218,12 +218,59 @@ def test_torch_compile_fullgraph_matches_eager(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_gradients_flow_to_pred_only(backend: str, reduction: str):
-    pred = torch.randn(6, 16, requires_grad=True)
-    target = (torch.rand(6) * 14).requires_grad_()
-    weight = torch.rand(6).requires_grad_()
-    loss = stable_dfl_loss(pred, target, weight, reduction=reduction, backend=backend)
-    loss.sum().backward()
-    assert pred.grad is not None and torch.isfinite(pred.grad).all()
-    assert target.grad is None and weight.grad is None
+def test_avg_factor_is_validated_whatever_its_type(backend: str):
+    pred, target = torch.randn(6, 16), torch.rand(6) * 14
+    for bad in (0.0, -1.0, math.inf, torch.tensor(0.0), torch.tensor(-1.0), torch.tensor(math.inf)):
+        with pytest.raises(ValueError, match="avg_factor must be positive and finite"):
+            stable_dfl_loss(pred, target, avg_factor=bad, backend=backend)
+    with pytest.raises(TypeError, match="avg_factor must hold a real number"):
+        stable_dfl_loss(pred, target, avg_factor=torch.tensor(2 + 1j), backend=backend)
+    with pytest.raises(ValueError, match="avg_factor is on meta"):
+        stable_dfl_loss(pred, target, avg_factor=torch.tensor(2.0, device="meta"), backend=backend)
+    for reduction in ("sum", "none"):
+        with pytest.raises(ValueError, match=f"cannot be used with reduction='{reduction}'"):
+            stable_dfl_loss(pred, target, avg_factor=2.0, reduction=reduction, backend=backend)
+    # A NaN count (computed from NaN outputs) is data, not a bad argument: reported as NaN.
+    assert torch.isnan(stable_dfl_loss(pred, target, avg_factor=torch.tensor(math.nan)))
+    halved = stable_dfl_loss(pred, target, avg_factor=torch.tensor(12.0), backend=backend)
+    torch.testing.assert_close(halved, stable_dfl_loss(pred, target, backend=backend) / 2)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_wide_targets_are_clamped_before_the_cast_and_wide_weights_are_checked(backend: str):
+    pred = torch.randn(3, 16)
+    target = torch.tensor([1e39, -1e39, 7.5], dtype=torch.float64)
+    loss = stable_dfl_loss(pred, target, reduction="none", backend=backend)
+    edges = torch.tensor([16 - 1 - 0.01, 0.0, 7.5], dtype=torch.float64)
+    torch.testing.assert_close(
+        loss, stable_dfl_loss(pred, edges, reduction="none", backend=backend)
+    )
+    with pytest.raises(
+        ValueError, match=r"weight holds finite values beyond the range of torch\.float32"
+    ):
+        stable_dfl_loss(pred, target, torch.tensor([1e39, 1.0, 1.0], dtype=torch.float64))
+    # Non-finite targets stay non-finite, to be reported.
+    target[2] = math.inf
+    assert torch.isnan(stable_dfl_loss(pred, target, reduction="none", backend=backend)[2])
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (
+            {"weight": torch.ones(6, dtype=torch.complex64)},
+            TypeError,
+            "weight must hold real numbers",
+        ),
+        ({"weight": torch.ones(6, dtype=torch.bool)}, TypeError, "weight must hold real numbers"),
+        ({"loss_weight": "2"}, TypeError, "loss_weight must be a number, got str"),
+        ({"max_loss": "15"}, TypeError, "max_loss must be a number or None, got str"),
+        ({"eps": "1e-6"}, TypeError, "eps must be a number, got str"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        stable_dfl_loss(torch.randn(6, 16), torch.rand(6) * 14, **kwargs)
+    if "weight" not in kwargs:
+        with pytest.raises(error, match=message):
+            StableDFLLoss(**kwargs)
