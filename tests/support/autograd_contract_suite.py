@@ -50,7 +50,7 @@ def test_double_backward_matches_the_reference_hessian(backend, device):
 def test_torch_func_transforms_match_the_reference(backend, device):
     pred, target, weight = random_case(6, 16, torch.float64, weighted=True, device=device)
     loss, reference = _summed(backend, target, weight, 16), _reference_sum(target, weight)
-    for transform in (torch.func.grad, torch.func.jacrev, torch.func.jacfwd):
+    for transform in (torch.func.grad, torch.func.jacrev, torch.func.jacfwd, torch.func.hessian):
         torch.testing.assert_close(
             transform(loss)(pred), transform(reference)(pred), rtol=1e-6, atol=1e-9
         )
