@@ -15,6 +15,8 @@ the number of tensors, and a single-program kernel adds the slots in a fixed ord
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -120,6 +122,14 @@ def grad_sumsq_nonfinite_triton(
     With ``inv_scale``, values are unscaled first, and stored back when ``write_back``.
     """
     device = grads[0].device
+    on_gpu = device.type == "cuda"
+    if on_gpu and torch.cuda.is_current_stream_capturing():
+        # A captured graph would replay the host-built chunk table of the capture, whatever
+        # the gradients of the replay hold.
+        raise RuntimeError(
+            "the Triton gradient check cannot be captured in a CUDA graph (its chunk table is "
+            "built on the host at each call); use backend='cuda' or run it outside the graph"
+        )
     n_tensors = len(grads)
     by_dtype: dict[torch.dtype, list[int]] = {}
     for index, grad in enumerate(grads):
@@ -143,43 +153,46 @@ def grad_sumsq_nonfinite_triton(
                 tensors.append(index)
         groups.append((base, first_chunk, len(offsets) - first_chunk))
     n_chunks = len(offsets)
-    # One host-to-device copy for all tables.
-    table = torch.tensor([offsets, lengths, tensors], dtype=torch.int64).to(device)
+    # One host-to-device copy for all tables, from pinned memory: asynchronous, no host sync.
+    table = torch.tensor([offsets, lengths, tensors], dtype=torch.int64, pin_memory=on_gpu)
+    table = table.to(device, non_blocking=True)
     chunk_offset, chunk_length, chunk_tensor = table[0], table[1], table[2]
 
-    partial = torch.empty(n_chunks, dtype=torch.float64, device=device)
-    tensor_flag = torch.zeros(n_tensors, dtype=torch.int32, device=device)
-    for base, first_chunk, count in groups:
-        chunks = slice(first_chunk, first_chunk + count)
-        _chunk_sumsq_kernel[(_program_count(count, device),)](
-            base,
-            chunk_offset[chunks],
-            chunk_length[chunks],
-            chunk_tensor[chunks],
-            count,
-            inv_scale if inv_scale is not None else partial,  # unread unless UNSCALE
-            partial[chunks],
-            tensor_flag,
-            UNSCALE=inv_scale is not None,
-            WRITE_BACK=write_back,
-            OPMATH_FP64=base.dtype == torch.float64,
-            BLOCK=BLOCK,
-            num_warps=8,
-        )
+    # Triton launches on the current device: make it the gradients' one.
+    with torch.cuda.device(device) if on_gpu else contextlib.nullcontext():
+        partial = torch.empty(n_chunks, dtype=torch.float64, device=device)
+        tensor_flag = torch.zeros(n_tensors, dtype=torch.int32, device=device)
+        for base, first_chunk, count in groups:
+            chunks = slice(first_chunk, first_chunk + count)
+            _chunk_sumsq_kernel[(_program_count(count, device),)](
+                base,
+                chunk_offset[chunks],
+                chunk_length[chunks],
+                chunk_tensor[chunks],
+                count,
+                inv_scale if inv_scale is not None else partial,  # unread unless UNSCALE
+                partial[chunks],
+                tensor_flag,
+                UNSCALE=inv_scale is not None,
+                WRITE_BACK=write_back,
+                OPMATH_FP64=base.dtype == torch.float64,
+                BLOCK=BLOCK,
+                num_warps=8,
+            )
 
-    sumsq = torch.empty((), dtype=torch.float64, device=device)
-    found = torch.empty((), dtype=torch.float32, device=device)
-    nonfinite = torch.empty(n_tensors, dtype=torch.uint8, device=device)
-    _finalize_kernel[(1,)](
-        partial,
-        chunk_tensor,
-        n_chunks,
-        tensor_flag,
-        n_tensors,
-        sumsq,
-        found,
-        nonfinite,
-        BLOCK=FINALIZE_BLOCK,
-        num_warps=4,
-    )
+        sumsq = torch.empty((), dtype=torch.float64, device=device)
+        found = torch.empty((), dtype=torch.float32, device=device)
+        nonfinite = torch.empty(n_tensors, dtype=torch.uint8, device=device)
+        _finalize_kernel[(1,)](
+            partial,
+            chunk_tensor,
+            n_chunks,
+            tensor_flag,
+            n_tensors,
+            sumsq,
+            found,
+            nonfinite,
+            BLOCK=FINALIZE_BLOCK,
+            num_warps=4,
+        )
     return sumsq, found, nonfinite.view(torch.bool)

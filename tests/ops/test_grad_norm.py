@@ -300,3 +300,42 @@ def test_cuda_backends_match_reference(backend: str) -> None:
         assert torch.equal(bits(g), bits(e))
     again = grad_sumsq_nonfinite(grads, backend=backend)[0]
     assert torch.equal(again, grad_sumsq_nonfinite(grads, backend=backend)[0])  # deterministic
+
+
+needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+
+
+@pytest.mark.cuda
+@needs_two_gpus
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gradients_on_another_gpu_than_the_current_one(backend: str) -> None:
+    grads = [torch.randn(70_000, device="cuda:1"), torch.randn(3, device="cuda:1").half()]
+    with torch.cuda.device(0):
+        sumsq, found, nonfinite = grad_sumsq_nonfinite(grads, backend=backend)
+    assert sumsq.device == torch.device("cuda:1") and found.item() == 0.0
+    assert not nonfinite.any()
+    assert sumsq.item() == pytest.approx(float64_sumsq(grads), rel=2e-6)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_no_host_sync(backend: str) -> None:
+    grads = [torch.randn(70_000, device="cuda"), torch.randn(5, device="cuda").bfloat16()]
+    inv_scale = torch.full((1,), 0.5, device="cuda")
+    grad_sumsq_nonfinite(grads, inv_scale, backend=backend)  # compiles outside the check
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        grad_sumsq_nonfinite(grads, inv_scale, in_place=True, backend=backend)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_triton_refuses_cuda_graph_capture() -> None:
+    grads = [torch.randn(100, device="cuda")]
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        with torch.cuda.graph(graph):
+            grad_sumsq_nonfinite(grads, backend="triton")
