@@ -88,31 +88,32 @@ def test_gradients_flow_to_pred_only(backend, device, reduction):
     assert target.grad is None and weight.grad is None
 
 
-def _scaled_error(values: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """|values - exact| in units of the magnitude (at least dtype's smallest normal)."""
-    floor = torch.finfo(dtype).smallest_normal
-    return (values.double() - exact).abs() / exact.abs().clamp(min=floor)
-
-
 @pytest.mark.parametrize(
     "dtype, reduction, loss_scale",
     [(torch.float16, "mean", 65536.0), (torch.bfloat16, "sum", 1e-3)],
     ids=["fp16-mean-65536", "bf16-sum-1e-3"],
 )
 def test_low_precision_gradient_is_rounded_once(backend, device, dtype, reduction, loss_scale):
+    """The fp16/bf16 gradient of a scaled loss is the fp32 gradient rounded once: bit for bit
+    what the same backend computes for the same logits in fp32, then rounds. (Rounded twice,
+    first unscaled, its error against float64 is 17x that of one rounding here, and tiny
+    elements flush to 0 before the loss scale reaches them.)"""
     pred = (torch.randn(1000, 64, dtype=torch.float64) * 3).to(dtype).to(device)
     target = (torch.rand(1000, 4, dtype=torch.float64) * 14.9).to(device)
-    x = pred.clone().requires_grad_()
-    loss = stable_dfl_loss(x, target, reduction=reduction, max_loss=None, backend=backend)
-    (loss * loss_scale).backward()
+
+    def scaled_grad(logits):
+        x = logits.clone().requires_grad_()
+        loss = stable_dfl_loss(x, target, reduction=reduction, max_loss=None, backend=backend)
+        (loss * loss_scale).backward()
+        return x.grad
+
+    grad = scaled_grad(pred)
+    assert grad.dtype == dtype
+    assert torch.equal(grad, scaled_grad(pred.float()).to(dtype))
     factor = loss_scale / (target.numel() if reduction == "mean" else 1)
     _, exact = expected(pred.reshape(-1, 16), target.reshape(-1))
-    exact = (exact * factor).reshape(pred.shape)
-    rounded_once = exact.to(dtype)
-    error = _scaled_error(x.grad, exact, dtype).max().item()
-    error_of_one_rounding = _scaled_error(rounded_once, exact, dtype).max().item()
-    assert error <= 2 * error_of_one_rounding
-    flushed = (x.grad == 0) & (rounded_once != 0)
+    rounded_once = (exact * factor).reshape(pred.shape).to(dtype)
+    flushed = (grad == 0) & (rounded_once != 0)
     assert not flushed.any(), f"{int(flushed.sum())} gradient elements flushed to zero"
 
 
