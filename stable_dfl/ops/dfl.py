@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from .reference import MAX_BINS, compute_dtype, dfl_reference, dfl_reference_grad
+from .reference import MAX_BINS, compute_dtype, dfl_reference, dfl_reference_grad, row_scale
 
 DFL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -120,8 +120,7 @@ def dfl_grad(
     """
     if torch.is_grad_enabled() or _is_functorch_tensor(grad_loss):
         return dfl_reference_grad(pred, target, weight, eps, grad_loss)
-    scale = grad_loss.to(compute_dtype(pred.dtype)).expand(target.shape)
-    row_weight = scale if weight is None else weight.to(scale.dtype) * scale
+    row_weight = row_scale(grad_loss, weight, target, compute_dtype(pred.dtype))
     _, grad = op(pred, target, row_weight.contiguous(), eps, True, True)
     return grad
 

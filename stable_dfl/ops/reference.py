@@ -56,9 +56,31 @@ def _poisoned_logits(
     return logits + torch.where(bad_row, float("nan"), 0.0).to(logits.dtype).unsqueeze(-1)
 
 
-def _floored_log_probs(logits: torch.Tensor, eps: float) -> torch.Tensor:
+def _log_eps(eps: float) -> float:
+    return math.log(eps) if eps > 0 else -math.inf
+
+
+def _target_log_probs(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None):
+    """What the loss and its gradient share: the rows' log-probabilities (unfloored), the
+    two-hot target (left bin, its weight, the right bin's weight) and the log-probabilities
+    of the two target bins."""
+    logits = _poisoned_logits(pred, target, weight)
+    left, w_left, w_right = _two_hot(target, pred.shape[-1])
     log_p = torch.log_softmax(logits, dim=-1)
-    return log_p.clamp(min=math.log(eps)) if eps > 0 else log_p
+
+    def at(index: torch.Tensor) -> torch.Tensor:
+        return log_p.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+
+    return log_p, left, w_left, w_right, at(left), at(left + 1)
+
+
+def row_scale(
+    grad_loss: torch.Tensor, weight: torch.Tensor | None, target: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Each row's factor in the gradient of ``sum(row_losses * grad_loss)``: ``grad_loss``
+    (0-dim or ``[N]``) times the row weight, as ``dtype`` and shaped like ``target``."""
+    scale = grad_loss.to(dtype).expand(target.shape)
+    return scale if weight is None else scale * weight.detach().to(dtype)
 
 
 def _weighted(weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -78,12 +100,12 @@ def dfl_reference(
     """
     dtype = compute_dtype(pred.dtype)
     target = target.to(dtype)
-    logits = _poisoned_logits(pred, target, weight)
-    left, w_left, w_right = _two_hot(target, pred.shape[-1])
-    log_p = _floored_log_probs(logits, eps)
-    logp_left = log_p.gather(-1, left.unsqueeze(-1)).squeeze(-1)
-    logp_right = log_p.gather(-1, (left + 1).unsqueeze(-1)).squeeze(-1)
-    loss = -(_weighted(w_left, logp_left) + _weighted(w_right, logp_right))
+    _, _, w_left, w_right, logp_left, logp_right = _target_log_probs(pred, target, weight)
+    floor = _log_eps(eps)  # the probability floor, in log space
+    loss = -(
+        _weighted(w_left, logp_left.clamp(min=floor))
+        + _weighted(w_right, logp_right.clamp(min=floor))
+    )
     if weight is not None:
         loss = loss * weight.to(dtype)
     return loss
@@ -108,17 +130,11 @@ def dfl_reference_grad(
     """
     dtype = compute_dtype(pred.dtype)
     target = target.detach().to(dtype)
-    logits = _poisoned_logits(pred, target, weight)
-    left, w_left, w_right = _two_hot(target, pred.shape[-1])
-    log_p = torch.log_softmax(logits, dim=-1)
-    log_eps = math.log(eps) if eps > 0 else -math.inf
-    logp_left = log_p.gather(-1, left.unsqueeze(-1)).squeeze(-1)
-    logp_right = log_p.gather(-1, (left + 1).unsqueeze(-1)).squeeze(-1)
+    log_p, left, w_left, w_right, logp_left, logp_right = _target_log_probs(pred, target, weight)
+    log_eps = _log_eps(eps)
     active_left = torch.where(logp_left >= log_eps, w_left, 0.0)
     active_right = torch.where(logp_right >= log_eps, w_right, 0.0)
-    scale = grad_loss.to(dtype).expand(target.shape)
-    if weight is not None:
-        scale = scale * weight.detach().to(dtype)
+    scale = row_scale(grad_loss, weight, target, dtype)
     two_hot = torch.zeros_like(log_p)
     two_hot = two_hot.scatter_add(-1, left.unsqueeze(-1), active_left.unsqueeze(-1))
     two_hot = two_hot.scatter_add(-1, (left + 1).unsqueeze(-1), active_right.unsqueeze(-1))
