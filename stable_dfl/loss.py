@@ -87,11 +87,12 @@ def _flat_target(target: torch.Tensor, n_bins: int, dtype: torch.dtype) -> torch
     return flat.to(dtype)
 
 
-def _real_number(name: str, value: object, allow_none: bool = False) -> None:
-    if value is None and allow_none:
+def _real_number(name: str, value: object, expected: str = "a number") -> None:
+    """TypeError unless ``value`` is a real number (not a bool), or None where ``expected``
+    allows it."""
+    if value is None and expected.endswith("or None"):
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        expected = "a number or None" if allow_none else "a number"
         raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
 
 
@@ -104,7 +105,9 @@ def _check_args(
     reduction: str,
     loss_weight: float,
     avg_factor: float | torch.Tensor | None,
+    backend: str,
 ) -> None:
+    """Every argument checked once, before anything is computed."""
     if not isinstance(pred, torch.Tensor):
         raise TypeError(f"pred must be a torch.Tensor, got {type(pred).__name__}")
     if not isinstance(target, torch.Tensor):
@@ -124,16 +127,47 @@ def _check_args(
     _real_number("eps", eps)
     if not 0.0 <= eps < 1.0:
         raise ValueError(f"eps must be in [0, 1), got {eps}")
-    _real_number("max_loss", max_loss, allow_none=True)
+    _real_number("max_loss", max_loss, "a number or None")
     if max_loss is not None and not max_loss > 0:
         raise ValueError(f"max_loss must be positive or None, got {max_loss}")
     _real_number("loss_weight", loss_weight)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if avg_factor is not None and reduction != "mean":
-        raise ValueError(
-            f"avg_factor divides a 'mean' loss; it cannot be used with reduction={reduction!r}"
-        )
+    if avg_factor is not None:
+        if reduction != "mean":
+            raise ValueError(
+                f"avg_factor divides a 'mean' loss; it cannot be used with reduction={reduction!r}"
+            )
+        _check_avg_factor(avg_factor, pred.device)
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+
+
+def _value_is_readable(tensor: torch.Tensor) -> bool:
+    """True where reading a tensor's value is free: on the CPU, outside compiled code."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _check_avg_factor(avg_factor: float | torch.Tensor, device: torch.device) -> None:
+    if isinstance(avg_factor, torch.Tensor):
+        if avg_factor.numel() != 1:
+            raise ValueError(f"avg_factor must hold one number, got shape {_shape(avg_factor)}")
+        if avg_factor.dtype == torch.bool or avg_factor.is_complex():
+            raise TypeError(f"avg_factor must hold a real number, got {avg_factor.dtype}")
+        if avg_factor.device != device and avg_factor.device.type != "cpu":
+            raise ValueError(f"avg_factor is on {avg_factor.device} but pred is on {device}")
+        if not _value_is_readable(avg_factor):
+            return  # see _avg_factor: a bad value there gives a NaN loss
+        number = float(avg_factor)
+        # A NaN (a count computed from NaN outputs) is data, not a bad argument: it gives a
+        # NaN loss, reported downstream.
+        if math.isnan(number):
+            return
+    else:
+        _real_number("avg_factor", avg_factor, "a number, a tensor or None")
+        number = avg_factor
+    if not 0 < number < math.inf:
+        raise ValueError(f"avg_factor must be positive and finite, got {number}")
 
 
 def stable_dfl_loss(
@@ -170,9 +204,7 @@ def stable_dfl_loss(
 def _stable_dfl_loss(
     pred, target, weight, avg_factor, mask, n_bins, eps, max_loss, reduction, loss_weight, backend
 ) -> tuple[torch.Tensor, str]:
-    _check_args(pred, target, n_bins, eps, max_loss, reduction, loss_weight, avg_factor)
-    if backend not in BACKEND_CHOICES:
-        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+    _check_args(pred, target, n_bins, eps, max_loss, reduction, loss_weight, avg_factor, backend)
     rows = _rows(pred, target, n_bins)
     dtype = compute_dtype(pred.dtype)
     flat_target = _flat_target(target, n_bins, dtype)
@@ -203,32 +235,17 @@ def _stable_dfl_loss(
 def _avg_factor(
     avg_factor: float | torch.Tensor | None, count: torch.Tensor | int, like: torch.Tensor
 ) -> torch.Tensor | float:
+    """The divisor of a 'mean' loss (``avg_factor`` already checked by _check_args)."""
     if avg_factor is None:
         return count
-    if isinstance(avg_factor, torch.Tensor):
-        if avg_factor.numel() != 1:
-            raise ValueError(f"avg_factor must hold one number, got shape {_shape(avg_factor)}")
-        if avg_factor.dtype == torch.bool or avg_factor.is_complex():
-            raise TypeError(f"avg_factor must hold a real number, got {avg_factor.dtype}")
-        if avg_factor.device != like.device and avg_factor.device.type != "cpu":
-            raise ValueError(f"avg_factor is on {avg_factor.device} but pred is on {like.device}")
-        value = avg_factor.reshape(()).to(device=like.device, dtype=like.dtype)
-        # A NaN (a count computed from NaN outputs) gives a NaN loss, reported downstream; a
-        # value that is not positive is refused where reading it is free, and gives a NaN
-        # loss on a GPU, where reading it would cost a host sync.
-        if avg_factor.device.type == "cpu" and not torch.compiler.is_compiling():
-            number = float(avg_factor)
-            if not (math.isnan(number) or 0 < number < math.inf):
-                raise ValueError(f"avg_factor must be positive and finite, got {number}")
-            return value
-        return torch.where((value > 0) & (value < math.inf), value, float("nan"))
-    if isinstance(avg_factor, bool) or not isinstance(avg_factor, numbers.Real):
-        raise TypeError(
-            f"avg_factor must be a number, a tensor or None, got {type(avg_factor).__name__}"
-        )
-    if not 0 < avg_factor < math.inf:
-        raise ValueError(f"avg_factor must be positive and finite, got {avg_factor}")
-    return float(avg_factor)
+    if not isinstance(avg_factor, torch.Tensor):
+        return float(avg_factor)
+    value = avg_factor.reshape(()).to(device=like.device, dtype=like.dtype)
+    if _value_is_readable(avg_factor):
+        return value
+    # Not read (a GPU tensor, or compiled code), so not checked: a value that is not
+    # positive and finite gives a NaN loss instead of a host sync.
+    return torch.where((value > 0) & (value < math.inf), value, float("nan"))
 
 
 class StableDFLLoss(nn.Module):
@@ -280,9 +297,8 @@ class StableDFLLoss(nn.Module):
             reduction,
             loss_weight,
             None,
+            backend,
         )
-        if backend not in BACKEND_CHOICES:
-            raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
         self.n_bins = n_bins
         self.eps = eps
         self.max_loss = max_loss
