@@ -141,22 +141,11 @@ def test_non_finite_input_never_gives_a_finite_loss(backend):
         else:
             pred[row, data.draw(st.integers(0, pred.shape[1] - 1))] = bad_value
         device = _device(backend)
-        per_row = stable_dfl_loss(
-            pred.to(device),
-            target.to(device),
-            weight.to(device),
-            reduction="none",
-            n_bins=pred.shape[-1],
-            backend=backend,
-        ).cpu()
-        total = stable_dfl_loss(
-            pred.to(device),
-            target.to(device),
-            weight.to(device),
-            reduction="sum",
-            n_bins=pred.shape[-1],
-            backend=backend,
-        ).cpu()
+        inputs = (pred.to(device), target.to(device), weight.to(device))
+        per_row, total = (
+            stable_dfl_loss(*inputs, reduction=reduction, n_bins=pred.shape[-1], backend=backend)
+            for reduction in ("none", "sum")
+        )
         assert math.isnan(per_row[row]) and math.isnan(total)
 
     check()

@@ -10,7 +10,9 @@ import pytest
 
 from stable_dfl.__main__ import main
 from stable_dfl.report import Status, judge_run, load_run
-from stable_dfl.train.records import METRICS_NAME, EpochRecord, StepRecord, ValRecord
+from stable_dfl.train.records import METRICS_NAME, EpochRecord, ValRecord
+
+from ..support.records import healthy_step
 
 CLIP = 0.5
 BAD_PARAMETER = "standard_head.box_branch.2.weight"
@@ -25,18 +27,12 @@ def step_record(step: int, dfl: float = 3.0, pre_clip: float = 0.8, **overrides)
         "total_loss": 1.0 + 2.5 * 0.5 + 0.5 * dfl,
     }
     losses.update({name: overrides.pop(name) for name in [*overrides] if name in losses})
-    record = StepRecord(
-        epoch=1,
-        step=step,
+    record = healthy_step(
+        step,
         losses=losses,
         grad_norm=pre_clip,
         clip_coef=min(1.0, CLIP / (pre_clip + 1e-6)),
         clip_norm=CLIP,
-        grad_finite=True,
-        nonfinite_params=[],
-        loss_scale=1.0,
-        skipped=False,
-        skipped_total=0,
         lr=3e-5,
         images_per_s=100.0,
     )

@@ -20,6 +20,7 @@ from stable_dfl.train.records import (
 )
 from stable_dfl.train.reporting import Reporter
 
+from ..support.records import healthy_step
 from ..support.runs import CPU, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -31,21 +32,9 @@ BAD_PARAMETER = "fpn.lateral.0.0.weight"
 
 def _step(step: int, **fields) -> StepRecord:
     values = dict(
-        epoch=1,
-        step=step,
-        losses=LOSSES,
-        grad_norm=2.0,
-        clip_coef=0.25,
-        clip_norm=0.5,
-        grad_finite=True,
-        nonfinite_params=[],
-        loss_scale=1.0,
-        skipped=False,
-        skipped_total=0,
-        lr=1e-4,
-        images_per_s=250.5,
+        losses=LOSSES, grad_norm=2.0, clip_coef=0.25, clip_norm=0.5, lr=1e-4, images_per_s=250.5
     )
-    return StepRecord(**{**values, **fields})
+    return healthy_step(step, **{**values, **fields})
 
 
 def _write(run, records) -> None:
