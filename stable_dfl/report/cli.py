@@ -1,8 +1,13 @@
-"""``python -m stable_dfl report RUN_DIR [--compare RUN_A RUN_B]``.
+"""``python -m stable_dfl report RUN_DIR [--run_id ID] [--compare RUN_A RUN_B]``.
 
 Exit codes: 0 healthy (no check FAILed; WARN and PENDING allowed), 1 unhealthy (a check
-FAILed; with ``--compare``, in either run), 2 cannot judge (no ``metrics.jsonl``, or no
-step recorded yet) or bad usage.
+FAILed; with ``--compare``, in either run), 2 cannot judge (no readable ``metrics.jsonl``,
+no run ``--run_id`` in it, or no step recorded yet) or bad usage.
+
+A file holding several runs is judged on its latest unless ``--run_id`` picks one (a
+``note:`` on stderr names them); with ``--compare`` each file's latest is judged.
+Malformed lines are ignored, named in a ``warning:`` on stderr (and in ``--json``); no
+content of the file makes the report fail with a traceback.
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from .metrics import RunMetrics, load_run
+from .metrics import NO_RUN_ID, NoSuchRunError, RunMetrics, format_run_id, format_run_ids, load_run
 from .verdicts import Check, HealthCriteria, is_healthy, judge_run
 
 EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_CANNOT_JUDGE = 0, 1, 2
+#: How many malformed lines the warning names.
+NAMED_LINES = 5
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("run", nargs="?", help="run folder (holding metrics.jsonl) or the file")
     parser.add_argument(
         "--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="judge and overlay two runs"
+    )
+    parser.add_argument(
+        "--run_id",
+        metavar="ID",
+        help="judge this run of the file (default: the latest; "
+        f"'{NO_RUN_ID}': the records without a run id)",
     )
     parser.add_argument("--out", help="folder for the PNGs (default: <run>/report)")
     parser.add_argument("--no_plots", action="store_true", help="verdicts only")
@@ -73,20 +86,39 @@ def _details(name: str, checks: list[Check]) -> list[str]:
     return [f"  {name + ': ' if name else ''}{c.label}: {c.detail}" for c in checks if c.detail]
 
 
-def _load(run: str) -> RunMetrics | None:
+def _malformed_summary(run: RunMetrics) -> str:
+    count = len(run.malformed)
+    shown = [f"line {item.line}: {item.reason}" for item in run.malformed[:NAMED_LINES]]
+    if count > NAMED_LINES:
+        shown.append(f"and {count - NAMED_LINES} more")
+    return f"{count} malformed line{'s' if count != 1 else ''} ignored ({'; '.join(shown)})"
+
+
+def _load(run: str, run_id: str | None) -> RunMetrics | None:
     try:
-        metrics = load_run(run)
+        metrics = load_run(run, run_id)
     except FileNotFoundError:
         print(f"error: no metrics.jsonl at {run}", file=sys.stderr)
         return None
-    if not metrics.steps:
-        print(f"error: {metrics.path} holds no step records yet", file=sys.stderr)
+    except NoSuchRunError as error:
+        print(f"error: {error}", file=sys.stderr)
         return None
-    if metrics.unreadable_lines:
+    except (OSError, ValueError) as error:  # a folder named metrics.jsonl, no permission, ...
+        print(f"error: cannot read the metrics of {run}: {error}", file=sys.stderr)
+        return None
+    if metrics.malformed:
+        print(f"warning: {metrics.path}: {_malformed_summary(metrics)}", file=sys.stderr)
+    if run_id is None and len(metrics.run_ids) > 1:
         print(
-            f"warning: {metrics.path}: {metrics.unreadable_lines} unreadable lines ignored",
+            f"note: {metrics.path} holds {len(metrics.run_ids)} runs "
+            f"({format_run_ids(metrics.run_ids)}); judging the latest, "
+            f"{format_run_id(metrics.run_id)} (choose with --run_id)",
             file=sys.stderr,
         )
+    if not metrics.steps:
+        of_run = f" of run {format_run_id(metrics.run_id)}" if len(metrics.run_ids) > 1 else ""
+        print(f"error: {metrics.path} holds no step records{of_run} yet", file=sys.stderr)
+        return None
     return metrics
 
 
@@ -95,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.run is None) == (args.compare is None):
         parser.error("give either RUN_DIR or --compare RUN_A RUN_B")
+    if args.run_id is not None and args.compare is not None:
+        parser.error("--run_id picks a run of RUN_DIR; --compare judges each file's latest")
     criteria = HealthCriteria(
         settle_steps=args.settle_steps,
         window=args.window,
@@ -102,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         max_norm_growth=args.max_norm_growth,
     )
     paths = args.compare or [args.run]
-    runs = [_load(p) for p in paths]
+    runs = [_load(p, args.run_id) for p in paths]
     if any(run is None for run in runs):
         return EXIT_CANNOT_JUDGE
     names = [Path(p).name or str(p) for p in paths]
@@ -132,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
             "runs": [
                 {
                     "run": str(run.path.parent),
+                    "run_id": run.run_id,
+                    "run_ids": run.run_ids,
                     "steps": len(run.steps),
+                    "malformed_lines": [asdict(item) for item in run.malformed],
                     "healthy": is_healthy(checks),
                     "checks": [asdict(c) for c in checks],
                 }
@@ -144,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for run, name in zip(runs, names, strict=True):
             last = run.steps[-1]
+            run_id = f", run {run.run_id}" if run.run_id is not None else ""
             print(
-                f"{name}: {len(run.steps)} steps (last: step {last['step']}, epoch {last.get('epoch')})"
+                f"{name}: {len(run.steps)} steps (last: step {last['step']}, "
+                f"epoch {last.get('epoch')}{run_id})"
             )
         print()
         print(_table(list(zip(names if len(runs) > 1 else ["verdict"], verdicts, strict=True))))

@@ -7,10 +7,11 @@ construction, whatever the model does. The checks below therefore look at both n
 
 * ``losses_finite``: every logged loss is finite. FAIL otherwise.
 * ``nan_inf_gradients``: steps whose gradients held a NaN/Inf (count, first step,
-  parameters named). With fp16 a GradScaler overflows on purpose while it calibrates
-  (finite loss, the scale backs off and stays >= 1): those are "loss-scale overflows",
-  expected during the first ``settle_steps`` and a WARN after them. Any other NaN/Inf
-  step is a FAIL.
+  parameters named): those with ``grad_finite`` false, and those taken (not skipped) with
+  a NaN/Inf ``grad_norm`` whatever ``grad_finite`` says. With fp16 a GradScaler overflows
+  on purpose while it calibrates (a skipped step, finite loss, the scale backs off and
+  stays >= 1): those are "loss-scale overflows", expected during the first
+  ``settle_steps`` and a WARN after them. Any other NaN/Inf step is a FAIL.
 * ``skipped_steps``: the same classification for steps the optimizer did not take.
 * ``dfl_loss``: median of the last ``window`` steps; FAIL above ``dfl_max`` (5) or if
   not finite. Below 2 is not a failure: the seed's 2-5 describes the first epochs, and a
@@ -20,7 +21,10 @@ construction, whatever the model does. The checks below therefore look at both n
 * ``grad_norm``: FAIL when a post-clip norm exceeds the clip threshold (clipping not
   applied) or when the pre-clip norm grows by more than ``max_norm_growth`` (median of
   the last window over median of the first window after ``settle_steps``): clipping
-  hides an explosion from the optimizer, not from this check.
+  hides an explosion from the optimizer, not from this check. FAIL too, settled or not,
+  when a taken step's norm before or after clipping is NaN/Inf, and when no step after
+  ``settle_steps`` has a finite pre-clip norm: a norm that cannot be measured is no
+  evidence of health.
 * ``loss_scale``: FAIL when the fp16 scale ends below 1 (it only falls that far when
   overflows persist); n/a without loss scaling (bf16, fp32).
 * ``val_map``: FAIL if not finite; WARN when the last mAP@0.5 of the standard head is no
@@ -86,11 +90,32 @@ def _median(values: list[float]) -> float:
     return statistics.median(finite) if finite else math.nan
 
 
+def _printable(text: str) -> str:
+    """A name from the file as one line that any stdout can encode (no lone surrogates)."""
+    return text if text.isprintable() else ascii(text)
+
+
 def _is_nonfinite_step(record: dict[str, Any]) -> bool:
     finite = record.get("grad_finite")
-    if finite is None:  # older runs: the guard's norm skips bad tensors, the plain one does not
-        return bool(record.get("skipped")) or not math.isfinite(record.get("grad_norm", 0.0))
-    return not finite
+    if finite is False:
+        return True
+    skipped = bool(record.get("skipped"))
+    if finite is None and skipped:  # older runs: a skip meant a NaN/Inf gradient
+        return True
+    # A taken step's norm is what the optimizer saw, whatever the guard said.
+    return not skipped and not math.isfinite(float(record.get("grad_norm", 0.0)))
+
+
+def _nonfinite_norm_steps(run: RunMetrics) -> list[int]:
+    """Taken steps whose norm before or after clipping is NaN/Inf."""
+    bad = []
+    for record in run.steps:
+        if record.get("skipped"):
+            continue
+        pre = float(record.get("grad_norm", math.nan))
+        if not (math.isfinite(pre) and math.isfinite(pre * float(record.get("clip_coef", 1.0)))):
+            bad.append(int(record["step"]))
+    return bad
 
 
 def _loss_scale_overflows(run: RunMetrics) -> set[int]:
@@ -141,7 +166,9 @@ def _check_nonfinite_gradients(
     run: RunMetrics, overflows: set[int], criteria: HealthCriteria
 ) -> Check:
     steps = [int(r["step"]) for r in run.steps if _is_nonfinite_step(r)]
-    status, other, late = _classify(steps, overflows, criteria)
+    # GradScaler skips the steps it overflows on: a NaN/Inf step that was taken is no overflow.
+    taken = {int(r["step"]) for r in run.steps if not r.get("skipped")}
+    status, other, late = _classify(steps, overflows - taken, criteria)
     names: list[str] = []
     for record in run.steps:
         for name in record.get("nonfinite_params", []):
@@ -154,7 +181,7 @@ def _check_nonfinite_gradients(
     if other:
         parts.append(f"{len(other)} other, first at step {other[0]}")
     if names:
-        shown = ", ".join(names[:NAMED_PARAMETERS])
+        shown = ", ".join(_printable(name) for name in names[:NAMED_PARAMETERS])
         more = len(names) - NAMED_PARAMETERS
         parts.append(f"in {shown}" + (f" and {more} more" if more > 0 else ""))
     return Check(
@@ -228,7 +255,8 @@ def _check_dfl(run: RunMetrics, criteria: HealthCriteria) -> Check:
 def _check_grad_norm(run: RunMetrics, criteria: HealthCriteria) -> Check:
     label = "grad norm (seed: < clip)"
     settled = _settled(run, criteria)
-    if not settled:
+    nonfinite = _nonfinite_norm_steps(run)
+    if not settled and not nonfinite:
         return Check("grad_norm", label, Status.PENDING, f"< {criteria.settle_steps} steps")
     ok = [r for r in settled if not _is_nonfinite_step(r)]
     pre = [float(r["grad_norm"]) for r in ok]
@@ -246,15 +274,26 @@ def _check_grad_norm(run: RunMetrics, criteria: HealthCriteria) -> Check:
         "post_clip_max": max_post,
         "clip_norm": clip,
         "fraction_clipped": clipped,
+        "nonfinite_norm_steps": len(nonfinite),
+        "first_nonfinite_norm_step": nonfinite[0] if nonfinite else None,
     }
+    problems = []
+    if nonfinite:
+        problems.append(
+            f"{len(nonfinite)} taken steps with a NaN/Inf norm before or after clipping, "
+            f"first at step {nonfinite[0]}"
+        )
+    if settled and not _finite(pre):
+        problems.append(f"no finite pre-clip norm after step {criteria.settle_steps}")
     over_clip = clip is not None and max_post > clip * (1 + 1e-3) + 1e-6
-    status = Status.FAIL if over_clip or growth > criteria.max_norm_growth else Status.PASS
+    failed = problems or over_clip or growth > criteria.max_norm_growth
+    status = Status.FAIL if failed else Status.PASS
     clip_text = f"{clip:g}" if clip is not None else "?"
     value = f"pre {current:.3g}, post max {max_post:.3g} (clip {clip_text})"
     detail = (
         f"pre-clip {first:.3g} -> {current:.3g} ({growth:.2f}x), {clipped:.0%} of steps clipped"
     )
-    return Check("grad_norm", label, status, value, detail, values)
+    return Check("grad_norm", label, status, value, "; ".join([*problems, detail]), values)
 
 
 def _check_loss_scale(run: RunMetrics) -> Check:
@@ -280,7 +319,7 @@ def _check_val_map(run: RunMetrics) -> Check:
         status = Status.FAIL
     else:
         status = Status.PASS if maps[-1] > maps[0] else Status.WARN
-    value = ", ".join(f"{k} {v:.3f}" for k, v in heads.items() if k.endswith("map50"))
+    value = ", ".join(f"{_printable(k)} {v:.3f}" for k, v in heads.items() if k.endswith("map50"))
     return Check(
         "val_map",
         "val mAP@0.5",

@@ -132,7 +132,7 @@ def test_running_run_with_a_partial_last_line(tmp_path):
     with open(tmp_path / "run" / "metrics.jsonl", "a") as file:
         file.write('{"kind": "step", "step": 31, "dfl_lo')
     run = load_run(tmp_path / "run")
-    assert len(run.steps) == 30 and run.unreadable_lines == 0
+    assert len(run.steps) == 30 and run.malformed == []
     result = statuses(tmp_path / "run")
     assert result["dfl_loss"] is Status.PENDING  # fewer than the 50 settling steps
     assert main(["report", str(tmp_path / "run"), "--no_plots"]) == 0
