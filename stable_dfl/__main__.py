@@ -1,4 +1,4 @@
-"""Command line: ``python -m stable_dfl {info,doctor,report,train} ...``."""
+"""Command line: ``python -m stable_dfl {info,doctor,report,check-data,train} ...``."""
 
 from __future__ import annotations
 
@@ -24,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
         "report", help="judge a run's health from its metrics.jsonl, write plots", add_help=False
     )
     commands.add_parser(
+        "check-data",
+        help="check a YOLO dataset before training: decode every image, parse every label",
+        add_help=False,
+    )
+    commands.add_parser(
         "train", help="train the dual-head detector (see `train --help`)", add_help=False
     )
     args, rest = parser.parse_known_args(argv)
@@ -39,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         from .report.cli import main as report_main
 
         return report_main(rest)
+    if args.command == "check-data":
+        from .data_cli import main as check_data_main
+
+        return check_data_main(rest)
     from .train.cli import main as train_main
 
     return train_main(rest)
