@@ -3,27 +3,53 @@ optimizer with its LR schedule, loss scaler and step (the GradGuard or the plain
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ..data import PadToFixedBoxes, SyntheticShapes, YoloDataset
+from ..data import PadToFixedBoxes, SyntheticShapes, YoloDataset, check_dataset
 from ..guard import GradGuard
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .distributed import DistContext
 from .plain_step import PlainClipStep
 from .schedule import WarmupCosine
 from .step import OptimizerStepper
 
 
+class EpochSampler(DistributedSampler):
+    """This rank's shard of the training set, reshuffled by ``set_epoch``, which can also
+    start the epoch after its first batches (a run resumed in the middle of an epoch gets
+    the batches it had not trained yet, in the order it would have had)."""
+
+    def __init__(self, dataset: Dataset, context: DistContext, seed: int, batch_size: int) -> None:
+        super().__init__(
+            dataset, context.world_size, context.rank, shuffle=True, seed=seed, drop_last=True
+        )
+        self.batch_size = batch_size
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start_batch = start_batch
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.start_batch * self.batch_size, None)
+
+    def __len__(self) -> int:
+        return max(super().__len__() - self.start_batch * self.batch_size, 0)
+
+
 class TrainingData(NamedTuple):
-    sampler: DistributedSampler
-    """This rank's shard of the training set, reshuffled by ``set_epoch``."""
+    sampler: EpochSampler
     train_loader: DataLoader
     val_loader: DataLoader
     class_names: tuple[str, ...]
+    summary: list[str]
+    """What the dataset check found (empty for the built-in data)."""
 
 
 class Optimization(NamedTuple):
@@ -33,29 +59,37 @@ class Optimization(NamedTuple):
     stepper: OptimizerStepper
 
 
-def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset, tuple[str, ...]]:
+def build_datasets(
+    config: TrainConfig, progress: Callable[[str], None] | None = None
+) -> tuple[Dataset, Dataset, tuple[str, ...], list[str]]:
+    """The training and validation sets, their class names and the dataset check's summary.
+    ``--data`` is checked first (every image decoded, every label parsed; cached), which
+    raises DatasetError naming the broken files."""
     if config.data is None:
         train_set = SyntheticShapes(config.train_images, config.image_size, "train", config.seed)
         val_set = SyntheticShapes(config.val_images, config.image_size, "val", config.seed)
-        return train_set, val_set, train_set.class_names
-    names = config.names.split(",") if config.names else None
-    train_set = YoloDataset(config.data, config.train_split, names, config.image_size)
-    val_set = YoloDataset(config.data, config.val_split, train_set.class_names, config.image_size)
-    return train_set, val_set, train_set.class_names
-
-
-def build_data(config: TrainConfig, context: DistContext) -> TrainingData:
-    """Raises ValueError when the training set is smaller than one batch per process."""
-    train_set, val_set, class_names = build_datasets(config)
-    max_objects = max(train_set.max_objects, val_set.max_objects)
-    sampler = DistributedSampler(
-        train_set,
-        context.world_size,
-        context.rank,
-        shuffle=True,
-        seed=config.seed,
-        drop_last=True,
+        return train_set, val_set, train_set.class_names, []
+    check = check_dataset(
+        config.data,
+        (config.train_split, config.val_split),
+        config.names.split(",") if config.names else None,
+        skip_bad=config.skip_bad_files,
+        progress=progress,
     )
+    train_set, val_set = (
+        YoloDataset.from_check(check.splits[split], check.class_names, config.image_size)
+        for split in (config.train_split, config.val_split)
+    )
+    return train_set, val_set, check.class_names, check.summary_lines()
+
+
+def build_data(
+    config: TrainConfig, context: DistContext, progress: Callable[[str], None] | None = None
+) -> TrainingData:
+    """Raises ConfigError when the training set is smaller than one batch per process."""
+    train_set, val_set, class_names, summary = build_datasets(config, progress)
+    max_objects = max(train_set.max_objects, val_set.max_objects)
+    sampler = EpochSampler(train_set, context, config.seed, config.batch_size)
     train_loader = DataLoader(
         train_set,
         config.batch_size,
@@ -65,12 +99,12 @@ def build_data(config: TrainConfig, context: DistContext) -> TrainingData:
         drop_last=True,
     )
     if len(train_loader) == 0:
-        raise ValueError(
+        raise ConfigError(
             f"{len(train_set)} training images are fewer than one batch of {config.batch_size} "
-            f"per process ({context.world_size} processes)"
+            f"per process ({context.world_size} processes): lower --batch_size"
         )
     val_loader = DataLoader(val_set, config.batch_size, collate_fn=PadToFixedBoxes(max_objects))
-    return TrainingData(sampler, train_loader, val_loader, class_names)
+    return TrainingData(sampler, train_loader, val_loader, class_names, summary)
 
 
 def build_optimization(

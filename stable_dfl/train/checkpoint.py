@@ -169,6 +169,10 @@ class TrainingState(Protocol):
     skipped_steps: int
     consecutive_skips: int
     best_fitness: float
+    epoch_batches_done: int
+    """Batches of the epoch in progress already trained (0 at an epoch's end)."""
+    epoch_loss_sums: dict[str, float]
+    run_id: str
     class_names: tuple[str, ...]
     config: TrainConfig
 
@@ -190,6 +194,9 @@ def checkpoint_state(trainer: TrainingState) -> dict[str, Any]:
         "skipped_steps": trainer.skipped_steps,
         "consecutive_skips": trainer.consecutive_skips,
         "best_fitness": trainer.best_fitness,
+        "epoch_batches_done": trainer.epoch_batches_done,
+        "epoch_loss_sums": dict(trainer.epoch_loss_sums),
+        "run_id": trainer.run_id,
         "rng": rng,
         "class_names": list(trainer.class_names),
         "config": trainer.config.to_dict(),
@@ -208,10 +215,11 @@ def write_checkpoints(
         save_checkpoint(state, save_dir / f"epoch{epoch}.pt")
 
 
-def restore_checkpoint(trainer: TrainingState, path: Path) -> None:
+def restore_checkpoint(trainer: TrainingState, path: Path, batches_per_epoch: int) -> None:
     """Puts the state of the training checkpoint at ``path`` back into ``trainer``, RNGs
-    included. Raises CheckpointError as :func:`load_checkpoint` does, and for a bare
-    state_dict or another model's checkpoint."""
+    included. Raises CheckpointError as :func:`load_checkpoint` does, for a bare
+    state_dict or another model's checkpoint, and for one saved in the middle of an epoch
+    longer than ``batches_per_epoch`` (the batch size or the data changed)."""
     state = load_checkpoint(path)
     missing = [key for key in RESUME_KEYS if key not in state]
     if missing:
@@ -229,6 +237,17 @@ def restore_checkpoint(trainer: TrainingState, path: Path) -> None:
     trainer.skipped_steps = int(state["skipped_steps"])
     trainer.best_fitness = float(state["best_fitness"])
     trainer.consecutive_skips = int(state.get("consecutive_skips", 0))
+    # Absent from checkpoints written before a stop could save mid-epoch.
+    done = int(state.get("epoch_batches_done", 0))
+    if done > batches_per_epoch:
+        raise CheckpointError(
+            f"{path}: saved after batch {done} of epoch {trainer.epoch + 1}, but an epoch has "
+            f"{batches_per_epoch} batches here: resume with the --batch_size and data it was "
+            "trained with"
+        )
+    trainer.epoch_batches_done = done
+    trainer.epoch_loss_sums = {k: float(v) for k, v in state.get("epoch_loss_sums", {}).items()}
+    trainer.run_id = str(state.get("run_id", trainer.run_id))
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
     if "cuda" in state["rng"] and torch.cuda.is_available():

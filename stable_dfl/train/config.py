@@ -1,17 +1,65 @@
-"""Training configuration: one dataclass, from which the command line is generated."""
+"""Training configuration: one dataclass, from which the command line is generated.
+
+Every number has its range next to its default; a config outside it (from the command line
+or built in code) is refused with a :class:`ConfigError` naming the option.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
+
+from ..ops.reference import MAX_BINS
 
 FLOAT32_MAX = 3.4028234663852886e38
 
 
-def _option(default: Any, help: str, **argparse_kwargs: Any) -> Any:
-    return field(default=default, metadata={"help": help, **argparse_kwargs})
+class ConfigError(ValueError):
+    """An option out of its range, a combination of options that contradict each other, or
+    options that do not fit the data (a batch larger than the training set)."""
+
+
+class Range(NamedTuple):
+    """Allowed values of a number: ``low``/``high`` bounds (None: unbounded), each closed
+    unless ``low_open``/``high_open``; floats must be finite unless ``high`` is infinite."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def describe(self) -> str:
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        return " and ".join(parts)
+
+    def contains(self, value: float) -> bool:
+        if isinstance(value, float) and math.isnan(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            return False
+        return True
+
+
+POSITIVE = Range(0, FLOAT32_MAX, low_open=True)
+NON_NEGATIVE = Range(0, FLOAT32_MAX)
+AT_LEAST_ONE = Range(1)
+COUNT = Range(0)
+
+
+def _option(default: Any, help: str, valid: Range | None = None, **argparse_kwargs: Any) -> Any:
+    metadata = {"help": help, **argparse_kwargs}
+    if valid is not None:
+        metadata["valid"] = valid
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -20,17 +68,23 @@ class TrainConfig:
     sized to finish in a few minutes on a 2-core CPU."""
 
     # Optimisation (stage-2 values).
-    lr: float = _option(3e-5, "peak AdamW learning rate")
-    weight_decay: float = _option(0.005, "AdamW weight decay (conv/linear weights only)")
-    dfl_weight: float = _option(0.5, "weight of the DFL loss in the total")
-    gradient_clip_norm: float = _option(0.5, "clip the total gradient norm to this")
-    cls_weight: float = _option(1.0, "weight of the classification loss")
-    iou_weight: float = _option(2.5, "weight of the CIoU box loss")
-    epochs: int = _option(10, "training epochs")
-    batch_size: int = _option(8, "images per batch and process")
-    warmup_steps: int = _option(100, "linear LR warmup, in optimizer steps")
-    min_lr_ratio: float = _option(0.1, "final LR of the cosine decay, as a fraction of --lr")
-    ema_decay: float = _option(0.9999, "EMA decay of the validation weights")
+    lr: float = _option(3e-5, "peak AdamW learning rate", POSITIVE)
+    weight_decay: float = _option(
+        0.005, "AdamW weight decay (conv/linear weights only)", NON_NEGATIVE
+    )
+    dfl_weight: float = _option(0.5, "weight of the DFL loss in the total", NON_NEGATIVE)
+    gradient_clip_norm: float = _option(0.5, "clip the total gradient norm to this", POSITIVE)
+    cls_weight: float = _option(1.0, "weight of the classification loss", NON_NEGATIVE)
+    iou_weight: float = _option(2.5, "weight of the CIoU box loss", NON_NEGATIVE)
+    epochs: int = _option(10, "training epochs", AT_LEAST_ONE)
+    batch_size: int = _option(8, "images per batch and process", AT_LEAST_ONE)
+    warmup_steps: int = _option(100, "linear LR warmup, in optimizer steps", COUNT)
+    min_lr_ratio: float = _option(
+        0.1, "final LR of the cosine decay, as a fraction of --lr", Range(0, 1)
+    )
+    ema_decay: float = _option(
+        0.9999, "EMA decay of the validation weights", Range(0, 1, high_open=True)
+    )
     amp: str = _option(
         "auto",
         "mixed precision: auto (fp16 + GradScaler on CUDA; on a CPU bf16 where it computes "
@@ -38,7 +92,7 @@ class TrainConfig:
         "log's first line says which and why), off, or bf16 / fp16 to force one",
         choices=("auto", "off", "bf16", "fp16"),
     )
-    seed: int = _option(0, "seed of weights, data and sampling")
+    seed: int = _option(0, "seed of weights, data and sampling", COUNT)
     # Switches that turn one stage-2 fix off, for before/after experiments.
     dfl_impl: str = _option(
         "stable",
@@ -67,25 +121,33 @@ class TrainConfig:
     )
     train_split: str = _option("train", "split folder of --data used for training")
     val_split: str = _option("val", "split folder of --data used for validation")
-    train_images: int = _option(2048, "synthetic training images")
-    val_images: int = _option(128, "synthetic validation images")
-    image_size: int = _option(64, "square input size in pixels (a multiple of 32)")
-    workers: int = _option(0, "DataLoader worker processes")
+    train_images: int = _option(2048, "synthetic training images", AT_LEAST_ONE)
+    val_images: int = _option(128, "synthetic validation images", AT_LEAST_ONE)
+    skip_bad_files: bool = _option(
+        False,
+        "train without the images and label lines that --data's check finds broken (each "
+        "is listed and counted) instead of refusing the dataset",
+    )
+    image_size: int = _option(64, "square input size in pixels (a multiple of 32)", Range(32))
+    workers: int = _option(0, "DataLoader worker processes", COUNT)
     # Model.
-    n_bins: int = _option(16, "DFL bins per box side")
-    width: int = _option(16, "backbone base width (channels of the first stage)")
-    fpn_channels: int = _option(128, "FPN and head channels")
-    embed_dim: int = _option(32, "prototype head embedding size")
+    n_bins: int = _option(16, "DFL bins per box side", Range(2, MAX_BINS))
+    width: int = _option(16, "backbone base width (channels of the first stage)", AT_LEAST_ONE)
+    fpn_channels: int = _option(128, "FPN and head channels", AT_LEAST_ONE)
+    embed_dim: int = _option(32, "prototype head embedding size", AT_LEAST_ONE)
     # Run.
     device: str = _option("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
     save_dir: str = _option("checkpoints/stage2", "folder of checkpoints and logs")
-    log_interval: int = _option(10, "batches between 'Batch N:' log lines")
-    debug_interval: int = _option(50, "batches between 'Loss components' / 'Gradient Norms' blocks")
-    save_period: int = _option(0, "also keep epoch<N>.pt every this many epochs (0: never)")
+    log_interval: int = _option(10, "batches between 'Batch N:' log lines", AT_LEAST_ONE)
+    debug_interval: int = _option(
+        50, "batches between 'Loss components' / 'Gradient Norms' blocks", AT_LEAST_ONE
+    )
+    save_period: int = _option(0, "also keep epoch<N>.pt every this many epochs (0: never)", COUNT)
     max_consecutive_skips: int = _option(
         20,
         "stop with an error (exit code 3) once this many optimizer steps in a row were skipped "
         "for NaN/Inf gradients; the last checkpoint is kept (0: never stop)",
+        COUNT,
     )
     resume: str | None = _option(
         None,
@@ -99,6 +161,24 @@ class TrainConfig:
     tensorboard: bool = _option(False, "also log to TensorBoard (<save_dir>/tensorboard)")
     wandb: bool = _option(False, "also log to Weights & Biases (offline without WANDB_API_KEY)")
 
+    def __post_init__(self) -> None:
+        for option in dataclasses.fields(self):
+            valid = option.metadata.get("valid")
+            value = getattr(self, option.name)
+            if valid is not None and not valid.contains(value):
+                raise ConfigError(f"--{option.name} must be {valid.describe()}, got {value}")
+        if self.image_size % 32:
+            raise ConfigError(f"--image_size must be a multiple of 32, got {self.image_size}")
+        if self.resume is not None and self.init_from:
+            raise ConfigError(
+                "--resume continues a run with its own weights and --init_from starts a new one "
+                "from other weights: give one of them"
+            )
+        if self.data is None:
+            for name in ("names", "skip_bad_files"):
+                if getattr(self, name):
+                    raise ConfigError(f"--{name} applies to --data only")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -111,6 +191,9 @@ def build_parser(prog: str = "python -m stable_dfl train") -> argparse.ArgumentP
     )
     for option in dataclasses.fields(TrainConfig):
         kwargs = dict(option.metadata)
+        valid = kwargs.pop("valid", None)
+        if valid is not None:
+            kwargs["help"] += f" ({valid.describe()})"
         if option.type in ("bool", bool):
             parser.add_argument(f"--{option.name}", action="store_true", **kwargs)
             continue
@@ -120,13 +203,9 @@ def build_parser(prog: str = "python -m stable_dfl train") -> argparse.ArgumentP
 
 
 def parse_config(argv: list[str]) -> TrainConfig:
-    args = build_parser().parse_args(argv)
-    config = TrainConfig(**vars(args))
-    if config.image_size % 32:
-        build_parser().error(f"--image_size must be a multiple of 32, got {config.image_size}")
-    # AdamW multiplies float32 weights by it: NaN, Inf or beyond float32 is never meant.
-    if not 0 < config.lr <= FLOAT32_MAX:
-        build_parser().error(
-            f"--lr must be positive and at most {FLOAT32_MAX:.3g}, got {config.lr}"
-        )
-    return config
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return TrainConfig(**vars(args))
+    except ConfigError as error:
+        parser.error(str(error))

@@ -1,7 +1,8 @@
 """The records of ``metrics.jsonl``: written by the trainer, read by :mod:`stable_dfl.report`.
 
-One JSON object per line: ``time`` (Unix seconds, added by the
-:class:`~stable_dfl.train.reporting.Reporter`), ``kind``, then the fields of the record's
+One JSON object per line: ``time`` (Unix seconds) and ``run_id`` (12 hex digits, the same
+for a run and its resumes, another for a new run in the same folder), both added by the
+:class:`~stable_dfl.train.reporting.Reporter`, then ``kind`` and the fields of the record's
 class below in their order, a dict field's items in its place. ``json.dumps`` writes a
 NaN or an Inf as ``NaN`` / ``Infinity``; ``json.loads`` reads them back.
 """

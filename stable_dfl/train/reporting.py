@@ -37,8 +37,12 @@ class Reporter:
     same plain lines as the file.
     """
 
-    def __init__(self, save_dir: Path, enabled: bool, console: TextIO | None = None) -> None:
+    def __init__(
+        self, save_dir: Path, enabled: bool, run_id: str, console: TextIO | None = None
+    ) -> None:
         self.enabled = enabled
+        #: Written into every record: a metrics file that holds two runs tells them apart.
+        self.run_id = run_id
         self.console = console or sys.stdout
         self.interactive = enabled and self.console.isatty()
         self._progress_shown = False
@@ -78,12 +82,19 @@ class Reporter:
             self.console.flush()
             self._progress_shown = True
 
+    def status(self, message: str) -> None:
+        """A line of work in progress: the progress line on a terminal, else a detail line."""
+        if self.interactive:
+            self.progress(message)
+        else:
+            self.detail(message)
+
     def metrics(self, record: Record) -> None:
         """A line of ``metrics.jsonl`` (see :mod:`~stable_dfl.train.records`); its numbers
         also go to the external loggers."""
         if not self.enabled:
             return
-        line = {"time": round(time.time(), 3), **record.to_json()}
+        line = {"time": round(time.time(), 3), "run_id": self.run_id, **record.to_json()}
         _write(self._metrics, json.dumps(line) + "\n")
         numeric = {
             k: v

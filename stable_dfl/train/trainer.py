@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import random
+import signal
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from .checkpoint import (
     first_non_finite,
     init_weights_from,
     restore_checkpoint,
+    save_checkpoint,
     write_checkpoints,
 )
 from .config import TrainConfig
@@ -47,7 +50,9 @@ from .reporting import (
     report_step,
     report_untrained,
 )
+from .run_folder import RunFolderLock
 from .step import StepOutcome
+from .stop import StopRequest, TrainingStopped
 
 
 class TrainingDivergedError(RuntimeError):
@@ -57,11 +62,30 @@ class TrainingDivergedError(RuntimeError):
 
 class Trainer:
     def __init__(self, config: TrainConfig, context: DistContext, console=None) -> None:
+        """Takes the run folder's lock (RunFolderBusyError when another run holds it), checks
+        the data and builds everything; :meth:`fit` trains, :meth:`close` gives up."""
         self.config = config
         self.context = context
         self.device = context.device
         self.save_dir = Path(config.save_dir)
-        self.report = Reporter(self.save_dir, enabled=context.is_main, console=console)
+        # Before anything is written there: a second run in the folder is refused untouched.
+        self.run_folder = RunFolderLock(self.save_dir)
+        if context.is_main:
+            self.run_folder.acquire()
+        self.run_id = uuid.uuid4().hex[:12]
+        # A refused dataset or checkpoint leaves the folder free and the logs closed.
+        with contextlib.ExitStack() as on_failure:
+            on_failure.callback(self.run_folder.release)
+            self.report = Reporter(
+                self.save_dir, enabled=context.is_main, run_id=self.run_id, console=console
+            )
+            on_failure.callback(self.report.close)
+            self._build(config, context)
+            on_failure.pop_all()
+
+    def _build(self, config: TrainConfig, context: DistContext) -> None:
+        for path in self.run_folder.removed_temporary_files:
+            self.report.info(f"Removed {path}, left by a process killed while saving")
         self.precision = resolve_precision(config.amp, self.device)
         self.amp_dtype = self.precision.dtype
         # The first line: the dtype sets the speed (up to ~50x on a CPU) and the numerics.
@@ -69,9 +93,11 @@ class Trainer:
         random.seed(config.seed)
         torch.manual_seed(config.seed)  # same initial weights on every rank
 
-        self.sampler, self.train_loader, self.val_loader, self.class_names = build_data(
-            config, context
-        )
+        data = build_data(config, context, progress=self.report.status)
+        self.sampler, self.train_loader, self.val_loader, self.class_names = data[:4]
+        for line in data.summary:
+            self.report.info(line)
+        self.batches_per_epoch = len(self.train_loader)
         self.model = DualHeadDetector(
             len(self.class_names),
             config.n_bins,
@@ -104,7 +130,7 @@ class Trainer:
             else self.model
         )
         self.optimizer, self.scheduler, self.scaler, self.guard = build_optimization(
-            self.model, config, self.device, self.amp_dtype, config.epochs * len(self.train_loader)
+            self.model, config, self.device, self.amp_dtype, config.epochs * self.batches_per_epoch
         )
 
         self.epoch = 0  # epochs completed
@@ -112,6 +138,11 @@ class Trainer:
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.best_fitness = -1.0
+        # Of the epoch in progress: batches trained and their loss sums (a run stopped by a
+        # signal saves them, so that its resume finishes the epoch it was in).
+        self.epoch_batches_done = 0
+        self.epoch_loss_sums: dict[str, float] = {}
+        self.stop = StopRequest()
         if config.resume is not None:
             self._resume(Path(config.resume) if config.resume else self.save_dir / "last.pt")
         attach_external_loggers(
@@ -123,7 +154,8 @@ class Trainer:
         return checkpoint_state(self)
 
     def _resume(self, path: Path) -> None:
-        restore_checkpoint(self, path)
+        restore_checkpoint(self, path, self.batches_per_epoch)
+        self.report.run_id = self.run_id
         self.report.info(f"Resumed from {path}: epoch {self.epoch}, batch {self.step}")
         # Records after this one replace any of a killed run with the same or later steps.
         self.report.metrics(ResumeRecord(epoch=self.epoch, step=self.step))
@@ -131,7 +163,23 @@ class Trainer:
     # ------------------------------------------------------------------------------ fit
 
     def fit(self) -> dict[str, Any]:
-        """Trains the remaining epochs; returns the last validation results."""
+        """Trains the remaining epochs; returns the last validation results. Raises
+        TrainingStopped after saving ``last.pt`` when SIGTERM or SIGINT asked it to stop.
+        The run folder is released when it returns or raises."""
+        self.stop.install()
+        try:
+            return self._fit()
+        finally:
+            self.stop.uninstall()
+            self.report.close()
+            self.run_folder.release()
+
+    def close(self) -> None:
+        """Releases the run folder and closes the logs of a trainer that will not fit."""
+        self.report.close()
+        self.run_folder.release()
+
+    def _fit(self) -> dict[str, Any]:
         config = self.config
         self.report.info(
             f"Training {sum(p.numel() for p in self.model.parameters()):,} parameters on "
@@ -146,6 +194,7 @@ class Trainer:
             results = self._validate()
             report_untrained(self.report, results)
         for epoch in range(self.epoch, config.epochs):
+            self._stop_if_requested("before", epoch)
             started = time.perf_counter()
             losses = self._train_epoch(epoch)
             self.epoch = epoch + 1
@@ -164,7 +213,6 @@ class Trainer:
                 skipped_total=self.skipped_steps,
                 seconds=time.perf_counter() - started,
             )
-        self.report.close()
         return results
 
     def _validate(self) -> dict[str, float]:
@@ -187,17 +235,19 @@ class Trainer:
     # ---------------------------------------------------------------------------- epoch
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
+        """The epoch's batches not trained yet; returns its mean losses."""
         self.ddp_model.train()
-        self.sampler.set_epoch(epoch)
-        sums: dict[str, float] = {}
-        batches = len(self.train_loader)
-        for index, batch in enumerate(self.train_loader, start=1):
+        done = self.epoch_batches_done
+        self.sampler.set_epoch(epoch, start_batch=done)
+        batches = self.batches_per_epoch
+        for index, batch in enumerate(self.train_loader, start=done + 1):
             started = time.perf_counter()
             self.step += 1
             components, result, module_norms = self._train_step(batch)
             seconds = time.perf_counter() - started
+            self.epoch_batches_done = index
             for name, value in components.items():
-                sums[name] = sums.get(name, 0.0) + value
+                self.epoch_loss_sums[name] = self.epoch_loss_sums.get(name, 0.0) + value
             report_step(
                 self.report,
                 self.config,
@@ -217,7 +267,40 @@ class Trainer:
             limit = self.config.max_consecutive_skips
             if limit and self.consecutive_skips >= limit:
                 self._stop_after_skips(result)
-        return {name: total / batches for name, total in sums.items()}
+            self._stop_if_requested("in", epoch)
+        means = {name: total / batches for name, total in self.epoch_loss_sums.items()}
+        self.epoch_batches_done, self.epoch_loss_sums = 0, {}
+        return means
+
+    def _stop_if_requested(self, where: str, epoch: int) -> None:
+        """After a step (``where="in"``) or before an epoch: when a stop signal came (to any
+        rank: they all stop at the same step), saves ``last.pt`` and raises TrainingStopped."""
+        if not self._stop_agreed():
+            return
+        position = (
+            f"at batch {self.step} (epoch {epoch + 1}, batch {self.epoch_batches_done}/"
+            f"{self.batches_per_epoch})"
+            if where == "in"
+            else f"before epoch {epoch + 1}"
+        )
+        if self.context.is_main:
+            # Mid-epoch, the checkpoint keeps the epoch's progress (not validated yet).
+            self._stop_if_weights_diverged()
+            save_checkpoint(self.state_dict(), self.save_dir / "last.pt")
+        message = (
+            f"Stopped by {self.stop.name or 'a signal to another rank'} {position}; "
+            f"{self.save_dir / 'last.pt'} holds it: continue with --resume"
+        )
+        self.report.info(message)
+        # A rank that got no signal stops as if it got SIGTERM (torchrun forwards that one).
+        raise TrainingStopped(self.stop.signum or signal.SIGTERM, message)
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop (every rank gets the same answer)."""
+        if not self.context.distributed:
+            return self.stop.requested
+        flag = torch.tensor([float(self.stop.requested)], device=self.device)
+        return bool(all_reduce_mean(flag, self.context).item())
 
     # ----------------------------------------------------------------------------- step
 

@@ -212,7 +212,7 @@ def _assert_same_run(resumed: Path, reference: Path) -> None:
     final, expected = load_checkpoint(resumed / "last.pt"), load_checkpoint(reference / "last.pt")
     for key in ("model", "ema", "optimizer", "scheduler", "step", "best_fitness"):
         assert_bit_identical(final[key], expected[key], key)
-    timing = ("time", "epoch_seconds")
+    timing = ("time", "run_id", "epoch_seconds")
     # A killed run's records are superseded by those written after its resume.
     by_epoch = {r["epoch"]: r for r in records(resumed, "epoch")}
     for record in records(reference, "epoch"):
@@ -249,6 +249,7 @@ def test_killed_in_the_middle_of_a_checkpoint_write_resumes_to_the_same_result(t
     )
     assert resumed.returncode == 0, resumed.stderr
     assert "Resumed from" in resumed.stdout
+    assert not list(run.glob(".last.pt.*.tmp")), "the dead process's temporary file is removed"
     _assert_same_run(run, reference)
 
 

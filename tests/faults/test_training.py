@@ -229,4 +229,4 @@ def test_weights_that_overflow_are_never_written_over_a_checkpoint(tmp_path):
 def test_learning_rates_that_cannot_work_are_refused_up_front(lr, capsys):
     with pytest.raises(SystemExit):
         parse_config(["--lr", lr])
-    assert "--lr must be positive and at most 3.4e+38" in capsys.readouterr().err
+    assert "--lr must be > 0 and <= 3.40282e+38" in capsys.readouterr().err

@@ -28,6 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 LOSSES = {"cls_loss": 0.5, "iou_loss": 0.9, "dfl_loss": 2.7, "total_loss": 4.0}
 RESULTS = {"standard/map50": 0.25, "standard/map": 0.125}
 BAD_PARAMETER = "fpn.lateral.0.0.weight"
+RUN_ID = "0123456789ab"
 
 
 def _step(step: int, **fields) -> StepRecord:
@@ -38,15 +39,15 @@ def _step(step: int, **fields) -> StepRecord:
 
 
 def _write(run, records) -> None:
-    reporter = Reporter(run, enabled=True, console=io.StringIO())
+    reporter = Reporter(run, enabled=True, run_id=RUN_ID, console=io.StringIO())
     for record in records:
         reporter.metrics(record)
     reporter.close()
 
 
 def _without_time(record: dict) -> dict:
-    assert isinstance(record["time"], float)
-    return {k: v for k, v in record.items() if k != "time"}
+    assert isinstance(record["time"], float) and record["run_id"] == RUN_ID
+    return {k: v for k, v in record.items() if k not in ("time", "run_id")}
 
 
 def test_a_record_is_written_kind_first_with_dict_fields_in_place():
@@ -77,7 +78,7 @@ def test_records_round_trip_through_the_report(tmp_path):
     _write(tmp_path, [untrained, *steps, epoch, resumed])
 
     run = load_run(tmp_path)
-    assert run.path == tmp_path / METRICS_NAME and run.unreadable_lines == 0
+    assert run.path == tmp_path / METRICS_NAME and run.malformed == []
     read_steps = [_without_time(r) for r in run.steps]
     assert read_steps == [s.to_json() for s in steps]
     assert all(list(r) == list(s.to_json()) for r, s in zip(read_steps, steps, strict=True))
@@ -99,11 +100,12 @@ def test_the_trainer_writes_records_laid_out_by_the_schema(tmp_path):
     assert [r["kind"] for r in lines] == ["val", "step", "step", "epoch"]
     val, step, _, epoch = lines
     results = {k: v for k, v in val.items() if "/" in k}
-    assert list(val) == ["time", *ValRecord(epoch=0, step=0, results=results).to_json()]
+    assert list(val) == ["time", "run_id", *ValRecord(epoch=0, step=0, results=results).to_json()]
     losses = {k: v for k, v in step.items() if "_loss" in k}
-    assert list(step) == ["time", *_step(1, losses=losses).to_json()]
+    assert list(step) == ["time", "run_id", *_step(1, losses=losses).to_json()]
     assert list(epoch) == [
         "time",
+        "run_id",
         *EpochRecord(
             epoch=1, step=2, losses=losses, results=results, skipped_total=0, epoch_seconds=0.0
         ).to_json(),
