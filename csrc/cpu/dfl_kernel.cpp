@@ -1,12 +1,16 @@
 // Fused Distribution Focal Loss rows on the CPU, compiled once per SIMD level: one
 // pass over each row computes the max, the sum of exponentials, the loss and (when
-// asked) the gradient. Threads and the deterministic chunk sums live in dfl_cpu.cpp.
+// asked) the gradient; rows of weight 0 skip all of it but a finiteness check. Threads
+// and the deterministic chunk sums live in dfl_cpu.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "kernels.h"
@@ -140,28 +144,157 @@ struct BlockKernel {
   }
 };
 
+// True when none of values[0, count) is NaN or infinite, i.e. has all exponent bits set.
+// Eight bytes at a time with integer arithmetic (which vectorises without reassociating
+// floating point): each lane's exponent bits are XORed with the all-ones exponent, and the
+// classic has-a-zero-lane test flags a lane that became 0.
 template <typename scalar_t>
-double forward_rows_typed(const DflForwardArgs& args, int64_t begin, int64_t end) {
+bool all_finite(const scalar_t* values, int64_t count) {
+  constexpr uint64_t kLaneOne = sizeof(scalar_t) == 8   ? 1ULL
+                                : sizeof(scalar_t) == 4 ? 0x0000000100000001ULL
+                                                        : 0x0001000100010001ULL;
+  constexpr uint64_t kLaneExponent =
+      sizeof(scalar_t) == 8   ? 0x7ff0000000000000ULL
+      : sizeof(scalar_t) == 4 ? 0x7f800000ULL
+                              : (std::is_same_v<scalar_t, at::Half> ? 0x7c00ULL : 0x7f80ULL);
+  constexpr uint64_t kExponent = kLaneExponent * kLaneOne;
+  constexpr uint64_t kSignBits = (1ULL << (8 * sizeof(scalar_t) - 1)) * kLaneOne;
+  const auto* bytes = reinterpret_cast<const unsigned char*>(values);
+  const int64_t n_bytes = count * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t n_words = n_bytes / 8;
+  const auto flags = [](uint64_t word) {
+    const uint64_t y = (word & kExponent) ^ kExponent;  // a lane is 0 where it is not finite
+    return (y - kLaneOne) & ~y & kSignBits;
+  };
+  uint64_t found = 0;
+  for (int64_t k = 0; k < n_words; ++k) {
+    uint64_t word;
+    std::memcpy(&word, bytes + 8 * k, 8);
+    found |= flags(word);
+  }
+  if (n_bytes > 8 * n_words) {  // zero-filled lanes read as finite
+    uint64_t word = 0;
+    std::memcpy(&word, bytes + 8 * n_words, static_cast<size_t>(n_bytes - 8 * n_words));
+    found |= flags(word);
+  }
+  return found == 0;
+}
+
+template <typename scalar_t>
+struct RowsTyped {
   using acc_t = at::opmath_type<scalar_t>;
   using Kernel = BlockKernel<scalar_t, acc_t>;
-  const int n_bins = args.n_bins;
-  const auto* pred = static_cast<const scalar_t*>(args.pred);
-  const auto* target = static_cast<const acc_t*>(args.target);
-  const auto* weight = static_cast<const acc_t*>(args.weight);
-  auto* row_loss = static_cast<acc_t*>(args.row_loss);
-  auto* grad = static_cast<scalar_t*>(args.grad);
+  static constexpr int kLanes = Kernel::kLanes;
 
-  Kernel kernel(n_bins, static_cast<acc_t>(args.log_eps));
-  acc_t block_loss[Kernel::kLanes];
-  double sum = 0.0;
-  for (int64_t i = begin; i < end; i += Kernel::kLanes) {
-    const int count = static_cast<int>(std::min<int64_t>(Kernel::kLanes, end - i));
-    acc_t* loss_out = row_loss != nullptr ? row_loss + i : block_loss;
-    kernel(pred + i * n_bins, target + i, weight != nullptr ? weight + i : nullptr, count, loss_out,
-           grad != nullptr ? grad + i * n_bins : nullptr);
-    for (int k = 0; k < count; ++k) sum += static_cast<double>(loss_out[k]);
+  const int n_bins;
+  const scalar_t* pred;
+  const acc_t* target;
+  const acc_t* weight;
+  acc_t* row_loss;
+  scalar_t* grad;
+  Kernel kernel;
+
+  explicit RowsTyped(const DflForwardArgs& args)
+      : n_bins(args.n_bins),
+        pred(static_cast<const scalar_t*>(args.pred)),
+        target(static_cast<const acc_t*>(args.target)),
+        weight(static_cast<const acc_t*>(args.weight)),
+        row_loss(static_cast<acc_t*>(args.row_loss)),
+        grad(static_cast<scalar_t*>(args.grad)),
+        kernel(args.n_bins, static_cast<acc_t>(args.log_eps)) {}
+
+  // Every row through the block kernel, kLanes consecutive rows at a time.
+  double all_rows(int64_t begin, int64_t end) {
+    acc_t block_loss[kLanes];
+    double sum = 0.0;
+    for (int64_t i = begin; i < end; i += kLanes) {
+      const int count = static_cast<int>(std::min<int64_t>(kLanes, end - i));
+      acc_t* loss_out = row_loss != nullptr ? row_loss + i : block_loss;
+      kernel(pred + i * n_bins, target + i, weight != nullptr ? weight + i : nullptr, count,
+             loss_out, grad != nullptr ? grad + i * n_bins : nullptr);
+      for (int k = 0; k < count; ++k) sum += static_cast<double>(loss_out[k]);
+    }
+    return sum;
   }
-  return sum;
+
+  // Rows of weight 0 (masked-out anchors) have loss 0 and gradient 0 unless their logits
+  // or target are not finite (then NaN, as in the reference): no exp, no log, only one
+  // finiteness sweep over the range and the zero writes. The other rows are gathered kLanes
+  // at a time into the block kernel, whose lanes are independent, so each row gets the bits
+  // it would get anyway; the sum still adds them in row order.
+  double weighted_rows(int64_t begin, int64_t end) {
+    const int64_t n_rows = end - begin;
+    if (std::count(weight + begin, weight + end, acc_t(0)) == 0) return all_rows(begin, end);
+    const bool range_finite =
+        all_finite(pred + begin * n_bins, n_rows * n_bins) && all_finite(target + begin, n_rows);
+    if (row_loss != nullptr) std::fill_n(row_loss + begin, n_rows, acc_t(0));
+    if (grad != nullptr) std::fill_n(grad + begin * n_bins, n_rows * n_bins, scalar_t(0));
+    double sum = 0.0;
+    if (!range_finite) sum += poison_zero_weight_rows(begin, end);
+
+    alignas(64) scalar_t gathered_pred[kMaxBins * kLanes];
+    alignas(64) scalar_t gathered_grad[kMaxBins * kLanes];
+    acc_t gathered_target[kLanes];
+    acc_t gathered_weight[kLanes];
+    acc_t block_loss[kLanes];
+    int64_t rows[kLanes];
+    int64_t i = begin;
+    while (true) {
+      int count = 0;
+      for (; i < end && count < kLanes; ++i) {
+        if (weight[i] != acc_t(0)) rows[count++] = i;  // NaN weights too: they poison their row
+      }
+      if (count == 0) break;
+      const int64_t first = rows[0];
+      if (rows[count - 1] - first == count - 1) {  // consecutive rows: no copy
+        kernel(pred + first * n_bins, target + first, weight + first, count, block_loss,
+               grad != nullptr ? grad + first * n_bins : nullptr);
+      } else {
+        for (int k = 0; k < count; ++k) {
+          std::memcpy(gathered_pred + k * n_bins, pred + rows[k] * n_bins,
+                      sizeof(scalar_t) * n_bins);
+          gathered_target[k] = target[rows[k]];
+          gathered_weight[k] = weight[rows[k]];
+        }
+        kernel(gathered_pred, gathered_target, gathered_weight, count, block_loss,
+               grad != nullptr ? gathered_grad : nullptr);
+        if (grad != nullptr) {
+          for (int k = 0; k < count; ++k) {
+            std::memcpy(grad + rows[k] * n_bins, gathered_grad + k * n_bins,
+                        sizeof(scalar_t) * n_bins);
+          }
+        }
+      }
+      for (int k = 0; k < count; ++k) {
+        sum += static_cast<double>(block_loss[k]);
+        if (row_loss != nullptr) row_loss[rows[k]] = block_loss[k];
+      }
+    }
+    return sum;
+  }
+
+  // The rows of weight 0 in [begin, end) whose logits or target are not finite: NaN loss
+  // and gradient. Returns their sum (NaN, or 0 when there is none).
+  double poison_zero_weight_rows(int64_t begin, int64_t end) {
+    constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
+    double sum = 0.0;
+    for (int64_t r = begin; r < end; ++r) {
+      if (weight[r] != acc_t(0) ||
+          (all_finite(pred + r * n_bins, n_bins) && all_finite(target + r, 1))) {
+        continue;
+      }
+      if (row_loss != nullptr) row_loss[r] = kNaN;
+      if (grad != nullptr) std::fill_n(grad + r * n_bins, n_bins, static_cast<scalar_t>(kNaN));
+      sum += static_cast<double>(kNaN);
+    }
+    return sum;
+  }
+};
+
+template <typename scalar_t>
+double forward_rows_typed(const DflForwardArgs& args, int64_t begin, int64_t end) {
+  RowsTyped<scalar_t> rows(args);
+  return rows.weight != nullptr ? rows.weighted_rows(begin, end) : rows.all_rows(begin, end);
 }
 
 }  // namespace

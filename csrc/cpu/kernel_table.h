@@ -24,7 +24,8 @@ constexpr int32_t kKernelAbiVersion = 2;
 // dfl_forward over rows [begin, end) of pred[N, n_bins] (contiguous, `dtype`).
 // target, weight and row_loss are of the accumulation type (float64 for float64
 // logits, else float32); weight may be null (all ones), row_loss and grad may be null
-// (not wanted). grad is [N, n_bins] of `dtype`: the gradient of the summed loss.
+// (not wanted). grad is [N, n_bins] of `dtype`: the gradient of the summed loss. A row
+// of weight 0 costs a finiteness check and its zero writes (NaN when not finite).
 struct DflForwardArgs {
   c10::ScalarType dtype;
   int n_bins;

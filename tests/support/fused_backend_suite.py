@@ -139,6 +139,35 @@ def test_non_finite_target_is_reported(backend, device, bad):
     assert torch.isfinite(loss[[0, 2, 3]]).all() and torch.isfinite(grad[[0, 2, 3]]).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_rows_of_weight_zero_cost_nothing_but_still_report_non_finite_input(
+    backend, device, dtype
+):
+    # 10% foreground in runs and alone, across several 256-row chunks of the CPU kernel.
+    n_rows = 1_100
+    pred, target, weight = random_case(n_rows, 16, dtype, weighted=True, device=device)
+    keep = torch.rand(n_rows, generator=torch.Generator().manual_seed(1)) < 0.1
+    keep[40:80] = True
+    weight = torch.where(keep.to(device), weight, 0.0)
+    background = (~keep).nonzero().flatten()
+    bad_logit, bad_target = background[3].item(), background[500].item()
+    pred[bad_logit, 5] = float("nan") if dtype != torch.float64 else float("inf")
+    target[bad_target] = float("nan")
+
+    loss, grad = run_backend(backend, pred, target, weight)
+    bad = torch.zeros(n_rows, dtype=torch.bool)
+    bad[[bad_logit, bad_target]] = True
+    clean = (~keep & ~bad).to(device)
+    assert (loss[clean] == 0).all() and (grad[clean] == 0).all()
+    assert torch.isnan(loss[bad.to(device)]).all() and torch.isnan(grad[bad.to(device)]).all()
+    assert torch.isnan(run_backend(backend, pred, target, weight, reduction="sum")[0])
+    # Each foreground row gets the bits it gets when computed without the masked rows.
+    rows = keep.nonzero().flatten().to(device)
+    alone_loss, alone_grad = run_backend(backend, pred[rows], target[rows], weight[rows])
+    assert torch.equal(loss[rows], alone_loss) and torch.equal(grad[rows], alone_grad)
+    assert_close_to_reference(loss[rows], grad[rows], pred[rows], target[rows], weight[rows])
+
+
 @pytest.mark.parametrize("layout", ["transposed", "column_slice"])
 def test_non_contiguous_inputs(backend, device, layout):
     if layout == "transposed":
