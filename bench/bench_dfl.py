@@ -1,8 +1,8 @@
 """CPU benchmark of the fused DFL kernel against eager PyTorch and torch.compile.
 
-Times forward and forward+backward of one DFL call as a detector makes it
-(``pred [M, 4 * 16]``, ``target [M, 4]``, a weight per anchor, mean reduction) for
-N = 4 * M rows, in fp32 and bf16, for these providers, all in the same run:
+One DFL call as a detector makes it (``pred [M, 4 * 16]``, ``target [M, 4]``, a weight per
+anchor, mean reduction) for N = 4 * M rows, in fp32 and bf16, forward and forward+backward, for
+these providers, all in the same run:
 
 - ``stable_dfl``: the fused C++ kernel (``backend='cpu'``);
 - ``reference``: the eager PyTorch specification (``backend='reference'``);
@@ -12,23 +12,25 @@ N = 4 * M rows, in fp32 and bf16, for these providers, all in the same run:
   (``pred.clone()``), the least any fwd+bwd must do; ``copy_prealloc`` does the same into a
   buffer allocated once (no page faults), for scale.
 
-Medians and 20/80% quantiles over repeats; speedups are against ``reference`` in the same run.
-Peak extra memory of one fwd+bwd is measured per provider in a fresh process (peak RSS growth).
-Results are appended to ``bench/results/dfl_cpu.csv``; the run's rows go to
-``bench/results/dfl_cpu.json`` and a plot to ``bench/results/dfl_cpu.png``.
+The timing is pytest-benchmark's (``bench/test_dfl_cpu.py``, which also times the masked call
+at 10% foreground and measures peak extra memory); this script runs that suite and renders its
+JSON: rows appended to ``bench/results/<stem>.csv``, the run's rows to ``<stem>.json``, tables to
+``<stem>.md`` (README's tables are generated from it: ``bench/readme_tables.py``) and a plot to
+``<stem>.png``. Medians and 20/80% quantiles over rounds; ratios against the other providers of
+the same run.
 
-Usage: ``python bench/bench_dfl.py [--quick] [--sizes N ...] [--stem NAME]``; the CPU kernel level
-is the one in use (``ATEN_CPU_CAPABILITY=default|avx2|avx512`` forces a lower one) and is recorded
-in each row's ``device``.
+Usage: ``python bench/bench_dfl.py [--quick] [--stem NAME] [-k EXPR]`` or ``--from_json FILE``
+(render a suite run made with ``pytest bench/test_dfl_cpu.py --benchmark-only
+--benchmark-json=FILE --benchmark-save-data``). The CPU kernel level is the one in use
+(``ATEN_CPU_CAPABILITY=default|avx2|avx512`` forces a lower one) and is recorded in each row's
+``device``.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,7 +50,17 @@ PROVIDERS = (
     "memory_floor",
     "copy_prealloc",
 )
-LOSS_PROVIDERS = PROVIDERS[:4]
+#: Not losses: timed for fwd+bwd only, as the least such a call must cost.
+FLOOR_PROVIDERS = ("memory_floor", "copy_prealloc")
+MEMORY_PROVIDERS = ("stable_dfl", "reference", "ultralytics", "memory_floor")
+MEMORY_ROWS = 537_600
+MASKED_PROVIDERS = (
+    "stable_dfl_mask",
+    "stable_dfl_indexed",
+    "ultralytics_indexed",
+    "stable_dfl_all_anchors",
+    "zero_grad_floor",
+)
 
 
 def make_loss_fn(
@@ -88,24 +100,6 @@ def make_step(provider: str, mode: str, pred, target, weight) -> Callable[[], ob
     return common.loss_step(make_loss_fn(provider), mode, pred, target, weight)
 
 
-def time_ms(
-    step: Callable[[], object], min_repeats: int, budget_s: float
-) -> tuple[float, float, float]:
-    """Median, 20% and 80% quantiles in ms after two warm-up calls."""
-    step()
-    step()
-    samples = []
-    start = time.perf_counter()
-    while len(samples) < min_repeats or (
-        time.perf_counter() - start < budget_s and len(samples) < 50
-    ):
-        t0 = time.perf_counter()
-        step()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    quantiles = statistics.quantiles(samples, n=10, method="inclusive")
-    return statistics.median(samples), quantiles[1], quantiles[7]
-
-
 def peak_extra_memory_mb(provider: str, n_rows: int, dtype_name: str) -> float:
     """Peak RSS growth of one fwd+bwd after the inputs exist, measured in a fresh process
     (Linux: the high-water mark is reset through /proc/self/clear_refs just before the step;
@@ -135,59 +129,11 @@ def peak_extra_memory_mb(provider: str, n_rows: int, dtype_name: str) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def run(sizes, repeats: int, budget_s: float) -> list[dict]:
-    meta = common.run_metadata(common.cpu_description())
-    rows = []
-    for dtype_name, dtype in DTYPES.items():
-        for n_rows in sizes:
-            pred, target, weight = make_inputs(n_rows, dtype)
-            for mode in ("forward", "forward_backward"):
-                for provider in PROVIDERS:
-                    if mode == "forward" and provider in ("memory_floor", "copy_prealloc"):
-                        continue
-                    step = make_step(provider, mode, pred, target, weight)
-                    ys = time_ms(step, repeats, budget_s)
-                    rows.append(
-                        common.result_row(
-                            "dfl", provider, mode, "time_ms", dtype_name, n_rows, *ys, meta
-                        )
-                    )
-                    print(
-                        f"{dtype_name} N={n_rows:>9} {mode:<16} {provider:<18} {ys[0]:9.2f} ms",
-                        flush=True,
-                    )
-    return rows
-
-
-def memory_rows(n_rows: int) -> list[dict]:
-    meta = common.run_metadata(common.cpu_description())
-    rows = []
-    for provider in ("stable_dfl", "reference", "ultralytics", "memory_floor"):
-        mb = peak_extra_memory_mb(provider, n_rows, "fp32")
-        rows.append(
-            common.result_row(
-                "dfl",
-                provider,
-                "forward_backward",
-                "peak_extra_mb",
-                "fp32",
-                n_rows,
-                mb,
-                mb,
-                mb,
-                meta,
-                digits=1,
-            )
-        )
-        print(f"fp32 N={n_rows} peak extra memory {provider:<14} {mb:8.1f} MB", flush=True)
-    return rows
-
-
 def summary(rows: list[dict]) -> str:
     times = {
         (r["dtype"], r["x"], r["mode"], r["provider"]): r["y50"]
         for r in rows
-        if r["metric"] == "time_ms"
+        if r["metric"] == "time_ms" and r["kernel"] == "dfl"
     }
     lines = [
         "| dtype | N rows | mode | stable_dfl ms | reference ms | ultralytics ms | compiled ms | floor ms "
@@ -211,6 +157,22 @@ def summary(rows: list[dict]) -> str:
             f"Peak extra memory of one fwd+bwd, fp32, N = {memory[0]['x']:,} (peak RSS growth): "
             + ", ".join(f"{r['provider']} {r['y50']} MB" for r in memory)
         )
+    masked = {
+        (r["dtype"], r["x"], r["provider"]): r["y50"]
+        for r in rows
+        if r["metric"] == "time_ms" and r["kernel"] == "dfl_masked"
+    }
+    if masked:
+        lines += [
+            "",
+            "| dtype | anchors (x 4 sides) | fwd+bwd ms: " + " | ".join(MASKED_PROVIDERS) + " |",
+            "|---|---|" + "---|" * len(MASKED_PROVIDERS),
+        ]
+        for dtype, anchors in sorted({(d, x) for d, x, _ in masked}):
+            cells = [
+                f"{masked.get((dtype, anchors, p), float('nan')):.2f}" for p in MASKED_PROVIDERS
+            ]
+            lines.append(f"| {dtype} | {anchors:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -223,7 +185,13 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(DTYPES), figsize=(12, 4.5), sharey=True)
     for ax, dtype in zip(axes, DTYPES, strict=True):
         common.plot_quantile_lines(
-            ax, rows, PROVIDERS, lambda _: "forward_backward", metric="time_ms", dtype=dtype
+            ax,
+            rows,
+            PROVIDERS,
+            lambda _: "forward_backward",
+            metric="time_ms",
+            kernel="dfl",
+            dtype=dtype,
         )
         ax.set(
             xscale="log",
@@ -241,16 +209,34 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def run_suite(json_path: Path, quick: bool, select: str | None) -> None:
+    """Runs ``bench/test_dfl_cpu.py`` under pytest-benchmark, its results to ``json_path``."""
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(Path(__file__).with_name("test_dfl_cpu.py")),
+        "--benchmark-only",
+        f"--benchmark-json={json_path}",
+        "--benchmark-save-data",
+        "--benchmark-columns=median,iqr,rounds",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        *(["--bench-quick"] if quick else []),
+        *(["-k", select] if select else []),
+    ]
+    subprocess.run(command, check=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--quick", action="store_true", help="small sizes, few repeats (a smoke run)"
+        "--quick", action="store_true", help="small sizes, few rounds (a smoke run)"
     )
+    parser.add_argument("-k", dest="select", help="run only the suite's cases matching this")
     parser.add_argument(
-        "--sizes",
-        type=int,
-        nargs="+",
-        help=f"rows N to time (default: {', '.join(map(str, SIZES))})",
+        "--from_json", type=Path, help="render this pytest-benchmark JSON instead of running"
     )
     parser.add_argument(
         "--stem",
@@ -258,11 +244,13 @@ def main() -> None:
         "e.g. one per CPU level forced with ATEN_CPU_CAPABILITY",
     )
     args = parser.parse_args()
-    sizes = args.sizes or (SIZES[:2] if args.quick else SIZES)
-    rows = run(sizes, repeats=3 if args.quick else 7, budget_s=0.5 if args.quick else 3.0)
-    if not args.quick and args.sizes is None:
-        rows += memory_rows(537_600)
     stem = args.stem or ("dfl_cpu_quick" if args.quick else "dfl_cpu")
+    json_path = args.from_json
+    if json_path is None:
+        common.RESULTS.mkdir(parents=True, exist_ok=True)
+        json_path = common.RESULTS / f"{stem}_benchmarks.json"
+        run_suite(json_path, args.quick, args.select)
+    rows = common.rows_from_benchmark_json(json_path)
     print(common.write_results(rows, stem, plot, summary))
 
 

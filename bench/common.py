@@ -7,6 +7,8 @@
 - :func:`result_row`: one row of results (kernel, provider, mode, metric, dtype, x and the
   median and 20%/80% quantiles of y, then the run's metadata), the CSV schema of
   ``bench_dfl.py``, ``bench_dfl_gpu.py`` and ``bench_integrations.py``;
+- :func:`rows_from_benchmark_json`: those rows from a pytest-benchmark JSON whose cases put
+  their fields in ``extra_info`` (``bench/test_*.py``);
 - :func:`write_csv`, :func:`write_results`: a run's rows to ``<stem>.csv`` (appended),
   ``.json``, ``.png`` and ``.md``;
 - :func:`plot_quantile_lines`: median lines with a 20-80% band, one per provider.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import csv
 import json
 import platform
+import statistics
 import subprocess
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -138,6 +141,33 @@ def result_row(
         "y80": round(y80, digits),
         **meta,
     }
+
+
+#: The fields of a row that a benchmark case records in ``extra_info``, besides its metadata.
+CASE_FIELDS = ("kernel", "provider", "mode", "dtype", "x")
+
+
+def rows_from_benchmark_json(path: Path) -> list[dict]:
+    """The result rows of a pytest-benchmark JSON (``--benchmark-save-data``): per case, its
+    median and 20%/80% quantiles in ms over the timed rounds, or the ``peak_extra_mb`` it
+    measured; the metadata (device, torch, commit) as the case recorded it."""
+    rows = []
+    for case in json.loads(Path(path).read_text())["benchmarks"]:
+        info = dict(case["extra_info"])
+        fields = [info.pop(name) for name in CASE_FIELDS]
+        if "peak_extra_mb" in info:
+            mb = info.pop("peak_extra_mb")
+            rows.append(result_row(*fields[:3], "peak_extra_mb", *fields[3:], mb, mb, mb, info, 1))
+            continue
+        samples = [1e3 * seconds for seconds in case["stats"]["data"]]
+        if len(samples) > 1:
+            quantiles = statistics.quantiles(samples, n=10, method="inclusive")
+            low, high = quantiles[1], quantiles[7]
+        else:
+            low = high = samples[0]
+        median = statistics.median(samples)
+        rows.append(result_row(*fields[:3], "time_ms", *fields[3:], median, low, high, info))
+    return rows
 
 
 def write_csv(rows: list[dict], path: Path, append: bool = True) -> None:
