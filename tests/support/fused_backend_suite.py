@@ -140,9 +140,7 @@ def test_non_finite_target_is_reported(backend, device, bad):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_rows_of_weight_zero_cost_nothing_but_still_report_non_finite_input(
-    backend, device, dtype
-):
+def test_rows_of_weight_zero_cost_nothing_but_still_report_non_finite_input(backend, device, dtype):
     # 10% foreground in runs and alone, across several 256-row chunks of the CPU kernel.
     n_rows = 1_100
     pred, target, weight = random_case(n_rows, 16, dtype, weighted=True, device=device)
