@@ -209,26 +209,6 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def run_suite(json_path: Path, quick: bool, select: str | None) -> None:
-    """Runs ``bench/test_dfl_cpu.py`` under pytest-benchmark, its results to ``json_path``."""
-    command = [
-        sys.executable,
-        "-m",
-        "pytest",
-        str(Path(__file__).with_name("test_dfl_cpu.py")),
-        "--benchmark-only",
-        f"--benchmark-json={json_path}",
-        "--benchmark-save-data",
-        "--benchmark-columns=median,iqr,rounds",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        *(["--bench-quick"] if quick else []),
-        *(["-k", select] if select else []),
-    ]
-    subprocess.run(command, check=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -249,7 +229,7 @@ def main() -> None:
     if json_path is None:
         common.RESULTS.mkdir(parents=True, exist_ok=True)
         json_path = common.RESULTS / f"{stem}_benchmarks.json"
-        run_suite(json_path, args.quick, args.select)
+        common.run_benchmark_suite("test_dfl_cpu.py", json_path, args.quick, args.select)
     rows = common.rows_from_benchmark_json(json_path)
     print(common.write_results(rows, stem, plot, summary))
 

@@ -7,6 +7,7 @@
 - :func:`result_row`: one row of results (kernel, provider, mode, metric, dtype, x and the
   median and 20%/80% quantiles of y, then the run's metadata), the CSV schema of
   ``bench_dfl.py``, ``bench_dfl_gpu.py`` and ``bench_integrations.py``;
+- :func:`run_benchmark_suite`: one of ``bench/test_*.py`` under pytest-benchmark, to a JSON;
 - :func:`rows_from_benchmark_json`: those rows from a pytest-benchmark JSON whose cases put
   their fields in ``extra_info`` (``bench/test_*.py``);
 - :func:`write_csv`, :func:`write_results`: a run's rows to ``<stem>.csv`` (appended),
@@ -25,6 +26,7 @@ import json
 import platform
 import statistics
 import subprocess
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -141,6 +143,29 @@ def result_row(
         "y80": round(y80, digits),
         **meta,
     }
+
+
+def run_benchmark_suite(
+    test_file: str, json_path: Path, quick: bool, select: str | None = None
+) -> None:
+    """Runs ``bench/<test_file>`` under pytest-benchmark, its results (every round's time) to
+    ``json_path``; ``quick`` is the suite's smoke mode, ``select`` a ``-k`` expression."""
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(BENCH / test_file),
+        "--benchmark-only",
+        f"--benchmark-json={json_path}",
+        "--benchmark-save-data",
+        "--benchmark-columns=median,iqr,rounds",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        *(["--bench-quick"] if quick else []),
+        *(["-k", select] if select else []),
+    ]
+    subprocess.run(command, check=True)
 
 
 #: The fields of a row that a benchmark case records in ``extra_info``, besides its metadata.

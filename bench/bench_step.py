@@ -1,0 +1,120 @@
+"""What a whole step gains from the fused DFL and the guard (``bench/test_step.py``).
+
+Runs the suite under pytest-benchmark and renders its JSON: rows appended to
+``bench/results/<stem>.csv``, the run's rows to ``<stem>.json``, tables to ``<stem>.md`` (README's
+are generated from it) and a bar plot to ``<stem>.png``.
+
+Usage: ``python bench/bench_step.py [--quick] [--stem NAME] [-k EXPR]`` or ``--from_json FILE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import common
+
+DETECTOR_PROVIDERS = ("fused_dfl+guard", "eager_dfl+clip", "fused_dfl+clip", "eager_dfl+guard")
+
+
+def _times(rows: list[dict]) -> dict[tuple[str, int, str], float]:
+    return {(r["kernel"], r["x"], r["provider"]): r["y50"] for r in rows}
+
+
+def summary(rows: list[dict]) -> str:
+    t = _times(rows)
+    nan = float("nan")
+    lines = []
+    for size in sorted({x for kernel, x, _ in t if kernel == "v8_detection_loss"}):
+        before, after = (
+            t.get(("v8_detection_loss", size, p), nan) for p in ("unpatched", "patched")
+        )
+        dfl_before, dfl_after = (
+            t.get(("v8_dfl_alone", size, p), nan) for p in ("unpatched", "patched")
+        )
+        lines += [
+            f"ultralytics `v8DetectionLoss` forward + backward, batch 8, {size} px:",
+            "",
+            "| | unpatched | patched | speed-up |",
+            "|---|---|---|---|",
+            f"| whole loss, ms | {before:.2f} | {after:.2f} | {before / after:.2f}x |",
+            f"| its DFL alone, ms | {dfl_before:.2f} | {dfl_after:.2f} | {dfl_before / dfl_after:.2f}x |",
+            f"| DFL share of the loss | {dfl_before / before:.0%} | {dfl_after / after:.0%} | |",
+            "",
+        ]
+    for size in sorted({x for kernel, x, _ in t if kernel == "detector_step"}):
+        step = {p: t.get(("detector_step", size, p), nan) for p in DETECTOR_PROVIDERS}
+        dfl = {
+            p: t.get(("detector_dfl_alone", size, p), nan)
+            for p in ("fused_dfl+guard", "eager_dfl+clip")
+        }
+        ours, baseline = step["fused_dfl+guard"], step["eager_dfl+clip"]
+        dtype = next(r["dtype"] for r in rows if r["kernel"] == "detector_step" and r["x"] == size)
+        lines += [
+            f"Dual-head detector, one training step (batch 8, {size} px, {dtype} autocast or full):",
+            "",
+            "| | fused DFL + guard | eager DFL + plain clip | fused DFL + plain clip | eager DFL + guard |",
+            "|---|---|---|---|---|",
+            "| step, ms | " + " | ".join(f"{step[p]:.1f}" for p in DETECTOR_PROVIDERS) + " |",
+            f"| DFL alone, ms | {dfl['fused_dfl+guard']:.2f} | {dfl['eager_dfl+clip']:.2f} | | |",
+            f"| DFL share of the step | {dfl['fused_dfl+guard'] / ours:.1%} "
+            f"| {dfl['eager_dfl+clip'] / baseline:.1%} | | |",
+            "",
+            f"Whole step: {baseline / ours:.3f}x faster with the fused DFL and the guard; the "
+            f"guard costs {step['fused_dfl+guard'] - step['fused_dfl+clip']:+.1f} ms against the "
+            f"plain clip step (fused DFL), {step['eager_dfl+guard'] - step['eager_dfl+clip']:+.1f} "
+            "ms (eager DFL).",
+            "",
+        ]
+    return "\n".join(lines).rstrip("\n")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["kernel"], r["x"]) for r in rows})
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3.8), squeeze=False)
+    for ax, (kernel, x) in zip(axes[0], groups, strict=True):
+        chosen = [r for r in rows if (r["kernel"], r["x"]) == (kernel, x)]
+        ax.bar(
+            [r["provider"] for r in chosen],
+            [r["y50"] for r in chosen],
+            yerr=[
+                [r["y50"] - r["y20"] for r in chosen],
+                [r["y80"] - r["y50"] for r in chosen],
+            ],
+        )
+        ax.set_title(f"{kernel}, {x} px", fontsize=9)
+        ax.set_ylabel("median ms")
+        ax.tick_params(axis="x", rotation=45, labelsize=7)
+    fig.suptitle(
+        rows[0]["device"] + f", torch {rows[0]['torch']}, commit {rows[0]['commit']}", fontsize=9
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, few rounds")
+    parser.add_argument("-k", dest="select", help="run only the suite's cases matching this")
+    parser.add_argument(
+        "--from_json", type=Path, help="render this pytest-benchmark JSON instead of running"
+    )
+    parser.add_argument("--stem", help="results files' name (default: step_cpu, step_cpu_quick)")
+    args = parser.parse_args()
+    stem = args.stem or ("step_cpu_quick" if args.quick else "step_cpu")
+    json_path = args.from_json
+    if json_path is None:
+        common.RESULTS.mkdir(parents=True, exist_ok=True)
+        json_path = common.RESULTS / f"{stem}_benchmarks.json"
+        common.run_benchmark_suite("test_step.py", json_path, args.quick, args.select)
+    rows = common.rows_from_benchmark_json(json_path)
+    print(common.write_results(rows, stem, plot, summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""What a whole step gains, under pytest-benchmark (``python bench/bench_step.py`` runs and
+renders it).
+
+(a) ultralytics' own ``v8DetectionLoss``, forward + backward from the head outputs of a
+    ``yolov8n.yaml`` model (80 classes) at batch 8 and 640 px (8,400 anchors per image), 10-50
+    boxes per image: unpatched, and patched with ``stable_dfl.integrations.ultralytics``; and
+    the DFL module alone (forward + backward) on the very inputs that loss hands it.
+(b) One training step of the dual-head detector (the trainer's own step: forward, loss,
+    backward, gradient check and clip, optimizer and EMA) at batch 8, with the fused DFL or the
+    eager reference DFL, and with ``GradGuard`` or the plain clip recipe; and the DFL call
+    alone on the inputs the criterion hands it. Image sizes: 64 px (the stage-2 default run)
+    and 640 px.
+
+The shares of the DFL in each step are those DFL-alone timings over the step's; the
+gradient check's is the difference between the guard and the plain clip step.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import common
+import pytest
+import torch
+from torch.utils._pytree import tree_leaves, tree_map
+
+from stable_dfl import StableDFLLoss
+from stable_dfl.train import DistContext, TrainConfig, Trainer
+
+pytestmark = pytest.mark.benchmark(warmup=False, disable_gc=True)
+
+BUDGET_S, MIN_ROUNDS, MAX_ROUNDS = 4.0, 5, 30
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+CPU = DistContext(0, 1, torch.device("cpu"))
+BATCH = 8
+ULTRALYTICS_SIZE, QUICK_ULTRALYTICS_SIZE = 640, 128
+DETECTOR_SIZES, QUICK_DETECTOR_SIZES = (64, 640), (64,)
+#: (DFL, optimizer step) of each detector-step provider.
+DETECTOR_PROVIDERS = {
+    "fused_dfl+guard": ("fused", "on"),
+    "eager_dfl+clip": ("eager", "off"),
+    "fused_dfl+clip": ("fused", "off"),
+    "eager_dfl+guard": ("eager", "on"),
+}
+
+
+def run_timed(benchmark, step: Callable[[], object], quick: bool, **info) -> None:
+    """As in test_dfl_cpu.py: one untimed call, then as many rounds as fit the budget."""
+    benchmark.extra_info.update(info)
+    benchmark.extra_info.update(common.run_metadata(common.cpu_description()))
+    step()
+    start = time.perf_counter()
+    step()
+    once = time.perf_counter() - start
+    rounds = 2 if quick else int(min(MAX_ROUNDS, max(MIN_ROUNDS, BUDGET_S / max(once, 1e-9))))
+    benchmark.pedantic(step, rounds=rounds, iterations=1)
+
+
+class _Recording(torch.nn.Module):
+    """Calls ``inner``, keeping copies of the arguments of the first call (ultralytics'
+    ``DFLoss`` overrides ``__call__``, so forward hooks never see it; it also clamps its
+    target in place)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.reg_max = getattr(inner, "reg_max", None)
+        self.calls: list[tuple[tuple, dict]] = []
+
+    def forward(self, *args, **kwargs):
+        if not self.calls:
+            copy = lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
+            self.calls.append((tree_map(copy, args), tree_map(copy, kwargs)))
+        return self.inner(*args, **kwargs)
+
+
+def captured_call(owner: torch.nn.Module, name: str, run: Callable[[], object]):
+    """The arguments of the first call of ``owner.<name>`` while ``run`` runs."""
+    original = getattr(owner, name)
+    recording = _Recording(original)
+    setattr(owner, name, recording)
+    try:
+        run()
+    finally:
+        setattr(owner, name, original)
+    return recording.calls[0]
+
+
+def dfl_alone_step(module: torch.nn.Module, args: tuple, kwargs: dict) -> Callable[[], object]:
+    """Forward + backward of ``module`` alone on a leaf copy of the captured logits."""
+    pred = args[0].clone().requires_grad_()
+    rest = args[1:]
+
+    def step():
+        module(pred, *rest, **kwargs).sum().backward()
+        pred.grad = None
+
+    return step
+
+
+# ------------------------------------------------------------------ (a) ultralytics
+
+
+@pytest.fixture(scope="module")
+def ultralytics_setup(quick):
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    pytest.importorskip("ultralytics")
+    from ultralytics.cfg import get_cfg
+    from ultralytics.nn.tasks import DetectionModel
+    from ultralytics.utils import DEFAULT_CFG
+
+    size = QUICK_ULTRALYTICS_SIZE if quick else ULTRALYTICS_SIZE
+    torch.manual_seed(0)
+    model = DetectionModel("yolov8n.yaml", nc=80, verbose=False).train()
+    model.args = get_cfg(DEFAULT_CFG)
+    with torch.no_grad():
+        # ultralytics 8.4: {"boxes", "scores", "feats"}; older: a list of feature maps.
+        preds = tree_map(torch.Tensor.detach, model(torch.rand(BATCH, 3, size, size)))
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.randint(10, 51, (BATCH,), generator=generator)
+    n_boxes = int(counts.sum())
+    centers = torch.rand(n_boxes, 2, generator=generator) * 0.8 + 0.1
+    sizes = torch.rand(n_boxes, 2, generator=generator) * 0.15 + 0.02
+    batch = {
+        "batch_idx": torch.repeat_interleave(torch.arange(BATCH), counts).float(),
+        "cls": torch.randint(0, 80, (n_boxes, 1), generator=generator).float(),
+        "bboxes": torch.cat([centers, sizes], 1),
+    }
+    return model, preds, batch, size
+
+
+def ultralytics_criterion(model, provider: str):
+    from ultralytics.utils.loss import v8DetectionLoss
+
+    from stable_dfl.integrations import ultralytics as stable_ultralytics
+
+    criterion = v8DetectionLoss(model)
+    if provider == "patched":
+        assert stable_ultralytics.patch_criterion(criterion) == 1
+    return criterion
+
+
+@pytest.mark.parametrize("provider", ["unpatched", "patched"])
+def test_ultralytics_loss(benchmark, ultralytics_setup, provider, quick):
+    model, preds, batch, size = ultralytics_setup
+    benchmark.group = f"ultralytics v8DetectionLoss fwd+bwd, batch {BATCH}, {size} px"
+    criterion = ultralytics_criterion(model, provider)
+    leaves = tree_map(lambda p: p.clone().requires_grad_(), preds)
+
+    def step():
+        loss, _ = criterion(leaves, batch)
+        loss.sum().backward()
+        for leaf in tree_leaves(leaves):
+            leaf.grad = None
+
+    run_timed(
+        benchmark,
+        step,
+        quick,
+        kernel="v8_detection_loss",
+        provider=provider,
+        mode="forward_backward",
+        dtype="fp32",
+        x=size,
+    )
+
+
+@pytest.mark.parametrize("provider", ["unpatched", "patched"])
+def test_ultralytics_dfl_alone(benchmark, ultralytics_setup, provider, quick):
+    model, preds, batch, size = ultralytics_setup
+    benchmark.group = f"ultralytics DFL alone fwd+bwd, batch {BATCH}, {size} px"
+    criterion = ultralytics_criterion(model, provider)
+    dfl = criterion.bbox_loss.dfl_loss
+    args, kwargs = captured_call(criterion.bbox_loss, "dfl_loss", lambda: criterion(preds, batch))
+    run_timed(
+        benchmark,
+        dfl_alone_step(dfl, args, kwargs),
+        quick,
+        kernel="v8_dfl_alone",
+        provider=provider,
+        mode="forward_backward",
+        dtype="fp32",
+        x=size,
+    )
+
+
+# ------------------------------------------------------------ (b) the dual-head detector
+
+
+def detector_trainer(tmp_path: Path, size: int, provider: str, batch: int) -> Trainer:
+    dfl, guard = DETECTOR_PROVIDERS[provider]
+    config = TrainConfig(
+        save_dir=str(tmp_path / provider),
+        device="cpu",
+        image_size=size,
+        batch_size=batch,
+        train_images=batch,
+        val_images=batch,
+        epochs=MAX_ROUNDS + 2,  # the schedule outlasts the timed steps
+        nan_guard=guard,
+        log_interval=10**6,
+        debug_interval=10**6,
+    )
+    trainer = Trainer(config, CPU, console=None)
+    if dfl == "eager":
+        trainer.criterion.dfl = StableDFLLoss(
+            n_bins=config.n_bins, reduction="mean", backend="reference"
+        )
+    return trainer
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "detector_size" in metafunc.fixturenames:
+        quick = metafunc.config.getoption("--bench-quick")
+        metafunc.parametrize("detector_size", QUICK_DETECTOR_SIZES if quick else DETECTOR_SIZES)
+
+
+@pytest.mark.parametrize("provider", list(DETECTOR_PROVIDERS))
+def test_detector_step(benchmark, tmp_path, detector_size, provider, quick):
+    batch_size = 2 if quick else BATCH
+    trainer = detector_trainer(tmp_path, detector_size, provider, batch_size)
+    benchmark.group = f"detector train step, batch {batch_size}, {detector_size} px"
+    batch = next(iter(trainer.train_loader))
+    try:
+        run_timed(
+            benchmark,
+            lambda: trainer._train_step(batch),
+            quick,
+            kernel="detector_step",
+            provider=provider,
+            mode="train_step",
+            dtype=DTYPE_NAMES[trainer.amp_dtype or torch.float32],
+            x=detector_size,
+        )
+    finally:
+        trainer.close()
+
+
+@pytest.mark.parametrize("provider", ["fused_dfl+guard", "eager_dfl+clip"])
+def test_detector_dfl_alone(benchmark, tmp_path, detector_size, provider, quick):
+    batch_size = 2 if quick else BATCH
+    trainer = detector_trainer(tmp_path, detector_size, provider, batch_size)
+    benchmark.group = f"detector DFL alone fwd+bwd, batch {batch_size}, {detector_size} px"
+    batch = next(iter(trainer.train_loader))
+    try:
+        args, kwargs = captured_call(trainer.criterion, "dfl", lambda: trainer._train_step(batch))
+        run_timed(
+            benchmark,
+            dfl_alone_step(trainer.criterion.dfl, args, kwargs),
+            quick,
+            kernel="detector_dfl_alone",
+            provider=provider,
+            mode="forward_backward",
+            dtype=DTYPE_NAMES[args[0].dtype],
+            x=detector_size,
+        )
+    finally:
+        trainer.close()
