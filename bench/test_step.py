@@ -11,8 +11,13 @@ renders it).
     alone on the inputs the criterion hands it. Image sizes: 64 px (the stage-2 default run)
     and 640 px.
 
-The shares of the DFL in each step are those DFL-alone timings over the step's; the
-gradient check's is the difference between the guard and the plain clip step.
+    The gradient check alone: the optimizer stepper (``GradGuard`` or the plain clip step,
+    optimizer step included) on the gradients of that step, refreshed from a copy before each
+    call (so that repeated clipping cannot shrink them into denormals); ``grad_refresh`` times
+    the refresh alone.
+
+The shares of the DFL and of the gradient check in each step are those alone-timings over the
+step's.
 """
 
 from __future__ import annotations
@@ -255,6 +260,47 @@ def test_detector_dfl_alone(benchmark, tmp_path, detector_size, provider, quick)
             provider=provider,
             mode="forward_backward",
             dtype=DTYPE_NAMES[args[0].dtype],
+            x=detector_size,
+        )
+    finally:
+        trainer.close()
+
+
+@pytest.mark.parametrize("provider", ["guard", "plain_clip", "grad_refresh"])
+def test_detector_optimizer_step(benchmark, tmp_path, detector_size, provider, quick):
+    batch_size = 2 if quick else BATCH
+    trainer_provider = "fused_dfl+clip" if provider == "plain_clip" else "fused_dfl+guard"
+    trainer = detector_trainer(tmp_path, detector_size, trainer_provider, batch_size)
+    benchmark.group = f"detector optimizer step alone, batch {batch_size}, {detector_size} px"
+    batch = next(iter(trainer.train_loader))
+    try:
+        stepper = trainer.guard
+        captured = {}
+
+        def keep_gradients(optimizer, scaler):
+            captured["grads"] = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+            captured["pristine"] = [g.clone() for g in captured["grads"]]
+            return original_step(optimizer, scaler)
+
+        original_step = stepper.step
+        stepper.step = keep_gradients
+        trainer._train_step(batch)
+        stepper.step = original_step
+        grads, pristine = captured["grads"], captured["pristine"]
+
+        def step():
+            torch._foreach_copy_(grads, pristine)
+            if provider != "grad_refresh":
+                stepper.step(trainer.optimizer, trainer.scaler)
+
+        run_timed(
+            benchmark,
+            step,
+            quick,
+            kernel="detector_optimizer_step",
+            provider=provider,
+            mode="step",
+            dtype="fp32",
             x=detector_size,
         )
     finally:
