@@ -40,6 +40,7 @@ from common import N_BINS
 
 from stable_dfl import stable_dfl_loss
 
+nan = float("nan")
 SIZES = (6_400, 64_000, 537_600, 2_000_000)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROVIDERS = (
@@ -157,6 +158,7 @@ def summary(rows: list[dict]) -> str:
             f"Peak extra memory of one fwd+bwd, fp32, N = {memory[0]['x']:,} (peak RSS growth): "
             + ", ".join(f"{r['provider']} {r['y50']} MB" for r in memory)
         )
+    lines += ["", *goals(rows)]
     masked = {
         (r["dtype"], r["x"], r["provider"]): r["y50"]
         for r in rows
@@ -174,6 +176,52 @@ def summary(rows: list[dict]) -> str:
             ]
             lines.append(f"| {dtype} | {anchors:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+#: The goals at N >= GOAL_ROWS: (what, the ratio's numerator and denominator, bound, "<=" or ">=").
+GOAL_ROWS = 537_600
+GOALS = (
+    ("fwd+bwd / memory floor", ("forward_backward", "stable_dfl", "memory_floor"), 1.3, "<="),
+    ("fwd+bwd, x eager reference", ("forward_backward", "reference", "stable_dfl"), 10.0, ">="),
+    (
+        "fwd+bwd, x torch.compile",
+        ("forward_backward", "compiled_reference", "stable_dfl"),
+        4.0,
+        ">=",
+    ),
+    ("forward, x eager reference", ("forward", "reference", "stable_dfl"), 20.0, ">="),
+)
+
+
+def goals(rows: list[dict]) -> list[str]:
+    """A table of the goals at N >= GOAL_ROWS: each ratio, its bound and whether it holds."""
+    times = {
+        (r["dtype"], r["x"], r["mode"], r["provider"]): r["y50"]
+        for r in rows
+        if r["metric"] == "time_ms" and r["kernel"] == "dfl"
+    }
+    cases = sorted({(d, x) for d, x, _, _ in times if x >= GOAL_ROWS})
+    if not cases:
+        return []
+    lines = [
+        "| goal | " + " | ".join(f"{d} {x:,}" for d, x in cases) + " |",
+        "|---|" + "---|" * len(cases),
+    ]
+    for name, (mode, top, bottom), bound, sense in GOALS:
+        cells = []
+        for dtype, x in cases:
+            ratio = times.get((dtype, x, mode, top), nan) / times.get((dtype, x, mode, bottom), nan)
+            met = ratio <= bound if sense == "<=" else ratio >= bound
+            cells.append(f"{ratio:.2f} {'met' if met else 'missed'}")
+        lines.append(f"| {name} {sense} {bound:g} | " + " | ".join(cells) + " |")
+    memory = {r["provider"]: r["y50"] for r in rows if r["metric"] == "peak_extra_mb"}
+    if "stable_dfl" in memory and "memory_floor" in memory:
+        ratio = memory["stable_dfl"] / memory["memory_floor"]
+        lines.append(
+            f"| peak extra memory / floor's <= 1.2 (fp32 {MEMORY_ROWS:,}) | {ratio:.2f} "
+            f"{'met' if ratio <= 1.2 else 'missed'} |" + " |" * (len(cases) - 1)
+        )
+    return lines
 
 
 def plot(rows: list[dict], path: Path) -> None:
