@@ -264,7 +264,9 @@ def main() -> None:
     )
     parser.add_argument("-k", dest="select", help="run only the suite's cases matching this")
     parser.add_argument(
-        "--from_json", type=Path, help="render this pytest-benchmark JSON instead of running"
+        "--from_json",
+        type=Path,
+        help="render this pytest-benchmark JSON instead of running (the CSV is not appended to)",
     )
     parser.add_argument(
         "--stem",
@@ -279,7 +281,10 @@ def main() -> None:
         json_path = common.RESULTS / f"{stem}_benchmarks.json"
         common.run_benchmark_suite("test_dfl_cpu.py", json_path, args.quick, args.select)
     rows = common.rows_from_benchmark_json(json_path)
-    print(common.write_results(rows, stem, plot, summary))
+    header = common.run_header(rows)
+    print(
+        common.write_results(rows, stem, plot, summary, header, append_csv=args.from_json is None)
+    )
 
 
 if __name__ == "__main__":

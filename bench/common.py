@@ -195,6 +195,12 @@ def rows_from_benchmark_json(path: Path) -> list[dict]:
     return rows
 
 
+def run_header(rows: list[dict]) -> str:
+    """The line an ``.md`` of results starts with: where and at which commit they were taken."""
+    first = rows[0]
+    return f"{first['device']}, torch {first['torch']}, commit {first['commit']}; medians.\n\n"
+
+
 def write_csv(rows: list[dict], path: Path, append: bool = True) -> None:
     """``rows`` to a CSV file with their keys as columns; the header only when it starts a file."""
     new_file = not append or not path.exists()
@@ -212,11 +218,14 @@ def write_results(
     summary_fn: Callable[[list[dict]], str],
     header: str = "",
     out_dir: Path = RESULTS,
+    append_csv: bool = True,
 ) -> str:
-    """Appends ``rows`` to ``<out_dir>/<stem>.csv``, writes them to ``.json``, a plot to
-    ``.png`` and ``header`` followed by the summary table to ``.md``; returns the table."""
+    """Appends ``rows`` to ``<out_dir>/<stem>.csv`` (unless ``append_csv`` is false: rows
+    rendered again), writes them to ``.json``, a plot to ``.png`` and ``header`` followed by
+    the summary table to ``.md``; returns the table."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out_dir / f"{stem}.csv")
+    if append_csv:
+        write_csv(rows, out_dir / f"{stem}.csv")
     (out_dir / f"{stem}.json").write_text(json.dumps(rows, indent=1))
     plot_fn(rows, out_dir / f"{stem}.png")
     table = summary_fn(rows)
