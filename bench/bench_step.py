@@ -39,7 +39,7 @@ def summary(rows: list[dict]) -> str:
             "|---|---|---|---|",
             f"| whole loss, ms | {before:.2f} | {after:.2f} | {before / after:.2f}x |",
             f"| its DFL alone, ms | {dfl_before:.2f} | {dfl_after:.2f} | {dfl_before / dfl_after:.2f}x |",
-            f"| DFL share of the loss | {dfl_before / before:.0%} | {dfl_after / after:.0%} | |",
+            f"| DFL share of the loss | {dfl_before / before:.1%} | {dfl_after / after:.1%} | |",
             "",
         ]
     for size in sorted({x for kernel, x, _ in t if kernel == "detector_step"}):
