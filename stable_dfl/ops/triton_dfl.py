@@ -21,8 +21,12 @@ from .backends import triton_interpreter_enabled
 from .reference import TARGET_MARGIN, compute_dtype
 
 # Elements of logits per program on a GPU: enough rows per program for a memory-bound
-# kernel, few enough registers per thread at num_warps=4.
+# kernel, few enough registers per thread at GPU_NUM_WARPS that nothing spills (fp64 holds
+# twice the registers per element: half the elements). scripts/gpu_kernel_report.py compiles
+# every variant for sm_80/sm_90 and checks.
 _GPU_BLOCK_ELEMENTS = 2048
+_GPU_BLOCK_ELEMENTS_FP64 = 1024
+GPU_NUM_WARPS = 4
 # The interpreter costs milliseconds per program whatever its size: few, large programs.
 _INTERPRETER_BLOCK_ELEMENTS = 16384
 
@@ -123,10 +127,16 @@ def _dfl_forward_kernel(
         tl.store(grad_ptr + grad_offsets, grad.to(grad_ptr.dtype.element_ty), mask=tile_in)
 
 
-def _block_rows(block_bins: int) -> int:
-    """Rows per program; independent of N, so each bin count and dtype compiles one kernel."""
-    budget = _INTERPRETER_BLOCK_ELEMENTS if triton_interpreter_enabled() else _GPU_BLOCK_ELEMENTS
-    return budget // block_bins
+def gpu_block_rows(block_bins: int, fp64: bool) -> int:
+    """Rows per program on a GPU; independent of N, so each bin count and dtype compiles one
+    kernel."""
+    return (_GPU_BLOCK_ELEMENTS_FP64 if fp64 else _GPU_BLOCK_ELEMENTS) // block_bins
+
+
+def _block_rows(block_bins: int, fp64: bool) -> int:
+    if triton_interpreter_enabled():
+        return _INTERPRETER_BLOCK_ELEMENTS // block_bins
+    return gpu_block_rows(block_bins, fp64)
 
 
 def run_dfl_forward(
@@ -155,7 +165,7 @@ def run_dfl_forward(
         return loss, grad.to(pred.dtype)
 
     block_bins = triton.next_power_of_2(n_bins)
-    block_rows = _block_rows(block_bins)
+    block_rows = _block_rows(block_bins, dtype == torch.float64)
     n_programs = triton.cdiv(n_rows, block_rows)
     row_loss = pred.new_empty((0,) if reduce_sum else (n_rows,), dtype=dtype)
     partial_sums = pred.new_empty((n_programs,) if reduce_sum else (0,), dtype=torch.float64)
@@ -180,7 +190,7 @@ def run_dfl_forward(
             COMPUTE_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
             BLOCK_ROWS=block_rows,
             BLOCK_BINS=block_bins,
-            num_warps=4,
+            num_warps=GPU_NUM_WARPS,
         )
     loss = partial_sums.sum().to(dtype) if reduce_sum else row_loss
     return loss, grad.to(pred.dtype)

@@ -24,6 +24,8 @@ import triton.language as tl
 CHUNK_ELEMENTS = 1 << 16
 BLOCK = 4096
 FINALIZE_BLOCK = 1024
+CHUNK_NUM_WARPS = 8
+FINALIZE_NUM_WARPS = 4
 # Programs per SM of the chunk kernel; each loops over chunks.
 PROGRAMS_PER_SM = 4
 # The interpreter runs programs one after another: a couple is enough.
@@ -177,7 +179,7 @@ def grad_sumsq_nonfinite_triton(
                 WRITE_BACK=write_back,
                 OPMATH_FP64=base.dtype == torch.float64,
                 BLOCK=BLOCK,
-                num_warps=8,
+                num_warps=CHUNK_NUM_WARPS,
             )
 
         sumsq = torch.empty((), dtype=torch.float64, device=device)
@@ -193,6 +195,6 @@ def grad_sumsq_nonfinite_triton(
             found,
             nonfinite,
             BLOCK=FINALIZE_BLOCK,
-            num_warps=4,
+            num_warps=FINALIZE_NUM_WARPS,
         )
     return sumsq, found, nonfinite.view(torch.bool)
