@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -39,6 +40,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grad_sumsq_nonfinite_launch(
   TORCH_CHECK_VALUE(!grads.empty(), "stable_dfl::grad_sumsq_nonfinite: empty tensor list");
   const at::Device device = grads[0].device();
   const c10::cuda::CUDAGuard device_guard(device);
+  // The chunk tables are built on the host for each call and copied in: a captured graph
+  // would replay that copy from a host buffer long since reused.
+  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+              "stable_dfl::grad_sumsq_nonfinite: the CUDA gradient check cannot be captured in a "
+              "CUDA graph (its chunk tables are built on the host for each call); run it outside "
+              "the captured region, or use backend='reference' inside it");
 
   std::vector<GradTensorMeta> tensors;
   std::vector<GradChunkMeta> chunks;

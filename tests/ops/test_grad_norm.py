@@ -333,9 +333,10 @@ def test_no_host_sync(backend: str) -> None:
 
 @pytest.mark.cuda
 @needs_cuda
-def test_triton_refuses_cuda_graph_capture() -> None:
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_fused_backends_refuse_cuda_graph_capture(backend) -> None:
     grads = [torch.randn(100, device="cuda")]
     graph = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
         with torch.cuda.graph(graph):
-            grad_sumsq_nonfinite(grads, backend="triton")
+            grad_sumsq_nonfinite(grads, backend=backend)
