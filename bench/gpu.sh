@@ -5,9 +5,9 @@
 #
 # Python: $PYTHON, else .venv/bin/python, else python3. It needs a CUDA build of torch, triton,
 # pytest and matplotlib; `bash scripts/ensure_env.sh test triton` sets up .venv with them.
-# `--quick` (meant for a few minutes of GPU time, not yet timed on one) leaves out the tests marked slow (the inputs
-# past 2**31 elements) and times the benchmark's small sizes only. Other arguments go to the
-# benchmark.
+# `--quick` (meant for a few minutes of GPU time; not yet timed on a GPU) leaves out the tests
+# marked slow (the inputs past 2**31 elements) and times the benchmark's small sizes only. Other
+# arguments go to the benchmark.
 set -euo pipefail
 TEST_MARKS="cuda or triton"
 for arg in "$@"; do
