@@ -4,6 +4,8 @@
 #include <cuda_fp16.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 
 #include "grad_norm_kernels.h"
 
@@ -60,25 +62,50 @@ __device__ acc_t block_sum(acc_t value, acc_t* shared) {
   return value;  // valid in thread 0
 }
 
+// One value: unscaled (GradScaler's rounding: multiply in opmath, round once to the dtype),
+// then squared into the float64 sum (a float32 square overflows from |x| > 1.8e19 and
+// underflows below 1e-19) and checked.
+template <typename T>
+__device__ __forceinline__ T visit(T x, typename Opmath<T>::type inv, bool unscale, double& sumsq,
+                                   bool& bad) {
+  if (unscale) x = Opmath<T>::store(Opmath<T>::load(x) * inv);
+  const double v = static_cast<double>(Opmath<T>::load(x));
+  sumsq += v * v;
+  bad |= !isfinite(v);
+  return x;
+}
+
 template <typename T>
 __device__ void reduce_chunk(T* data, int length, const float* inv_scale, bool write_back,
                              double* partial, uint8_t* nonfinite) {
   using opmath_t = typename Opmath<T>::type;
-  // Squares in float64: a float32 square overflows from |x| > 1.8e19 and underflows below 1e-19.
+  constexpr int kPerVector = 16 / sizeof(T);
   __shared__ double shared[kChunkThreads / kWarp];
   double sumsq = 0;
   bool bad = false;
-  const opmath_t inv = inv_scale != nullptr ? static_cast<opmath_t>(*inv_scale) : opmath_t(1);
-  for (int i = threadIdx.x; i < length; i += kChunkThreads) {
-    T x = data[i];
-    if (inv_scale != nullptr) {
-      // GradScaler's rounding: multiply in opmath, round once to the dtype.
-      x = Opmath<T>::store(Opmath<T>::load(x) * inv);
-      if (write_back) data[i] = x;
+  const bool unscale = inv_scale != nullptr;
+  const opmath_t inv = unscale ? static_cast<opmath_t>(*inv_scale) : opmath_t(1);
+  int scalar_begin = 0;
+  if (reinterpret_cast<uintptr_t>(data) % 16 == 0) {
+    // 16-byte loads (and stores) where the chunk is aligned; the tail goes one by one.
+    const int n_vectors = length / kPerVector;
+    uint4* vectors = reinterpret_cast<uint4*>(data);
+    for (int v = threadIdx.x; v < n_vectors; v += kChunkThreads) {
+      uint4 raw = vectors[v];
+      T values[kPerVector];
+      memcpy(values, &raw, sizeof(raw));
+#pragma unroll
+      for (int k = 0; k < kPerVector; ++k) values[k] = visit(values[k], inv, unscale, sumsq, bad);
+      if (unscale && write_back) {
+        memcpy(&raw, values, sizeof(raw));
+        vectors[v] = raw;
+      }
     }
-    const double v = static_cast<double>(Opmath<T>::load(x));
-    sumsq += v * v;
-    bad |= !isfinite(v);
+    scalar_begin = n_vectors * kPerVector;
+  }
+  for (int i = scalar_begin + threadIdx.x; i < length; i += kChunkThreads) {
+    const T x = visit(data[i], inv, unscale, sumsq, bad);
+    if (unscale && write_back) data[i] = x;
   }
   const double total = block_sum<double, kChunkThreads>(sumsq, shared);
   const bool any_bad = __syncthreads_or(bad);
@@ -115,26 +142,38 @@ __global__ void __launch_bounds__(kChunkThreads)
   }
 }
 
-// One block: thread t owns tensors t, t + kFinalizeThreads, ... and adds their
-// chunks in order; the block then sums the owners' totals in a fixed tree.
+// One block. Warp w owns tensors w, w + kFinalizeWarps, ...; for each, lane l adds chunks
+// l, l + kWarp, ... and the warp adds the lanes' sums in a fixed shuffle tree, so a tensor of
+// many chunks is summed 32-wide. The block then sums the warps' totals in a fixed tree: the
+// same bits on every run.
 __global__ void __launch_bounds__(kFinalizeThreads)
     finalize_kernel(const GradTensorMeta* tensors, int64_t n_tensors, const double* chunk_partial,
                     const uint8_t* chunk_nonfinite, double* sumsq, float* found_nonfinite,
                     bool* nonfinite) {
-  __shared__ double shared[kFinalizeThreads / kWarp];
-  double total = 0.0;
+  constexpr int kFinalizeWarps = kFinalizeThreads / kWarp;
+  __shared__ double shared[kFinalizeWarps];
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  double total = 0.0;  // in lane 0 of each warp
   bool any_bad = false;
-  for (int64_t t = threadIdx.x; t < n_tensors; t += kFinalizeThreads) {
+  for (int64_t t = warp; t < n_tensors; t += kFinalizeWarps) {
     const GradTensorMeta tensor = tensors[t];
     double tensor_sumsq = 0.0;
     bool bad = false;
-    for (int64_t c = tensor.first_chunk; c < tensor.first_chunk + tensor.n_chunks; ++c) {
+    for (int64_t c = tensor.first_chunk + lane; c < tensor.first_chunk + tensor.n_chunks;
+         c += kWarp) {
       tensor_sumsq += chunk_partial[c];
       bad |= chunk_nonfinite[c] != 0;
     }
-    nonfinite[t] = bad;
+    for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+      tensor_sumsq += __shfl_down_sync(0xffffffffu, tensor_sumsq, offset);
+    }
+    bad = __any_sync(0xffffffffu, bad);
+    if (lane == 0) {
+      nonfinite[t] = bad;
+      if (!bad) total += tensor_sumsq;
+    }
     any_bad |= bad;
-    if (!bad) total += tensor_sumsq;
   }
   total = block_sum<double, kFinalizeThreads>(total, shared);
   any_bad = __syncthreads_or(any_bad);
