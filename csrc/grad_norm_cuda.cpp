@@ -45,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grad_sumsq_nonfinite_launch(
   TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
               "stable_dfl::grad_sumsq_nonfinite: the CUDA gradient check cannot be captured in a "
               "CUDA graph (its chunk tables are built on the host for each call); run it outside "
-              "the captured region, or use backend='reference' inside it");
+              "the captured region");
 
   std::vector<GradTensorMeta> tensors;
   std::vector<GradChunkMeta> chunks;
