@@ -36,7 +36,7 @@ from torch import nn
 
 from .. import DEFAULT_EPS, stable_dfl_loss
 
-__all__ = ["REGISTERED_NAME", "DistributionFocalLoss", "register"]
+__all__ = ["REGISTERED_NAME", "DistributionFocalLoss", "StableDistributionFocalLoss", "register"]
 
 Reduction = Literal["none", "mean", "sum"]
 REDUCTIONS = ("none", "mean", "sum")
@@ -148,6 +148,9 @@ def register(force: bool = False) -> None:
         importlib.import_module("mmdet.models.losses")
         models.register_module(name=MMDET_NAME, force=True, module=DistributionFocalLoss)
 
+
+#: The class by the name it is registered under, for code that imports it by that name.
+StableDistributionFocalLoss = DistributionFocalLoss
 
 # Registering on import is what mmdetection's `custom_imports` expects of a plugin module.
 try:

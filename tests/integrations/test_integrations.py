@@ -284,6 +284,13 @@ def test_mmdet_loss_matches_mmdet_formula(reduction, avg_factor, weighted, via_o
     torch.testing.assert_close(g_ours.double(), g_expected, rtol=1e-4, atol=1e-6)
 
 
+def test_mmdet_class_is_importable_by_its_registered_name():
+    from stable_dfl.integrations.mmdet import StableDistributionFocalLoss
+
+    assert StableDistributionFocalLoss is stable_mmdet.DistributionFocalLoss
+    assert stable_mmdet.REGISTERED_NAME == "StableDistributionFocalLoss"
+
+
 def test_mmdet_loss_with_no_positives_is_zero_like_mmdet():
     pred, target = gfl_case()
     weight = torch.zeros(60)
