@@ -99,6 +99,12 @@ if [[ " $* " == *" test "* ]]; then
   if [ "$TORCH_MINOR" = "2.14" ]; then
     "${PIP[@]}" install --no-deps "torchvision==0.29.1"
     "${PIP[@]}" install --no-deps "ultralytics==8.4.190"
+    # The mmdetection stack for the tests against the real library: mmdet asserts
+    # mmcv < 2.2, and mmcv-lite is mmcv without its compiled ops (tests/support/mmcv_ops.py
+    # stands in for them). --no-deps again, so that nothing replaces torch; then what they
+    # import.
+    "${PIP[@]}" install --no-deps "mmengine==0.10.7" "mmcv-lite==2.1.0" "mmdet==3.3.0"
+    "${PIP[@]}" install addict yapf termcolor rich terminaltables pycocotools shapely scipy six tqdm
   fi
 fi
 # A source edited while the build ran is not in this build: no stamp, so the next run rebuilds.

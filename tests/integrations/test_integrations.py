@@ -376,6 +376,8 @@ def test_importing_registers_when_mmdet_is_importable(fake_mmdet, monkeypatch):
 
 
 def test_register_says_what_to_install_when_mmdet_is_missing(monkeypatch):
+    # As if not installed, even where it is and was imported already.
     monkeypatch.setitem(sys.modules, "mmdet", None)
+    monkeypatch.setitem(sys.modules, "mmdet.registry", None)
     with pytest.raises(ImportError, match="pip install mmdet"):
         stable_mmdet.register()
