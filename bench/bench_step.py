@@ -40,8 +40,19 @@ def summary(rows: list[dict]) -> str:
             f"| whole loss, ms | {before:.2f} | {after:.2f} | {before / after:.2f}x |",
             f"| its DFL alone, ms | {dfl_before:.2f} | {dfl_after:.2f} | {dfl_before / dfl_after:.2f}x |",
             f"| DFL share of the loss | {dfl_before / before:.1%} | {dfl_after / after:.1%} | |",
-            "",
         ]
+        errors = {
+            r["provider"]: (r["y50"], r["dtype"])
+            for r in rows
+            if r["kernel"] == "v8_dfl_bf16_autocast_error" and r["x"] == size
+        }
+        if errors:
+            (theirs, dtype), (ours, _) = errors["unpatched"], errors["patched"]
+            lines.append(
+                f"| DFL largest error vs float64 under CPU bf16 autocast ({dtype} logits) "
+                f"| {theirs:.2e} | {ours:.2e} | |"
+            )
+        lines.append("")
     for size in sorted({x for kernel, x, _ in t if kernel == "detector_step"}):
         step = {p: t.get(("detector_step", size, p), nan) for p in DETECTOR_PROVIDERS}
         dfl = {

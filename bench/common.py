@@ -174,15 +174,15 @@ CASE_FIELDS = ("kernel", "provider", "mode", "dtype", "x")
 
 def rows_from_benchmark_json(path: Path) -> list[dict]:
     """The result rows of a pytest-benchmark JSON (``--benchmark-save-data``): per case, its
-    median and 20%/80% quantiles in ms over the timed rounds, or the ``peak_extra_mb`` it
-    measured; the metadata (device, torch, commit) as the case recorded it."""
+    median and 20%/80% quantiles in ms over the timed rounds, or the ``value`` of the ``metric``
+    it measured; the metadata (device, torch, commit) as the case recorded it."""
     rows = []
     for case in json.loads(Path(path).read_text())["benchmarks"]:
         info = dict(case["extra_info"])
         fields = [info.pop(name) for name in CASE_FIELDS]
-        if "peak_extra_mb" in info:
-            mb = info.pop("peak_extra_mb")
-            rows.append(result_row(*fields[:3], "peak_extra_mb", *fields[3:], mb, mb, mb, info, 1))
+        if "value" in info:  # a measured quantity, not a time: its "metric" names it
+            metric, value = info.pop("metric"), info.pop("value")
+            rows.append(result_row(*fields[:3], metric, *fields[3:], value, value, value, info, 9))
             continue
         samples = [1e3 * seconds for seconds in case["stats"]["data"]]
         if len(samples) > 1:

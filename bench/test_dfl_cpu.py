@@ -141,8 +141,9 @@ def test_dfl_peak_extra_memory(benchmark, provider, quick):
     )
 
     def measure() -> None:
-        benchmark.extra_info["peak_extra_mb"] = bench_dfl.peak_extra_memory_mb(
-            provider, bench_dfl.MEMORY_ROWS, "fp32"
+        benchmark.extra_info["metric"] = "peak_extra_mb"
+        benchmark.extra_info["value"] = round(
+            bench_dfl.peak_extra_memory_mb(provider, bench_dfl.MEMORY_ROWS, "fp32"), 1
         )
 
     benchmark.pedantic(measure, rounds=1, iterations=1)

@@ -192,6 +192,36 @@ def test_ultralytics_dfl_alone(benchmark, ultralytics_setup, provider, quick):
     )
 
 
+@pytest.mark.parametrize("provider", ["unpatched", "patched"])
+def test_ultralytics_dfl_error_under_cpu_bf16_autocast(benchmark, ultralytics_setup, provider):
+    """The largest error, against float64, of the DFL on the inputs ultralytics' ``BboxLoss``
+    hands it when the model and the loss run under CPU bf16 autocast (recorded, not timed)."""
+    from ultralytics.utils.loss import DFLoss as UpstreamDFLoss
+
+    model, _, batch, size = ultralytics_setup
+    benchmark.group = f"ultralytics DFL error under CPU bf16 autocast, batch {BATCH}, {size} px"
+    criterion = ultralytics_criterion(model, provider)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        preds = model(torch.rand(BATCH, 3, size, size, generator=torch.Generator().manual_seed(2)))
+        dfl = criterion.bbox_loss.dfl_loss
+        (pred_dist, target), _ = captured_call(
+            criterion.bbox_loss, "dfl_loss", lambda: criterion(preds, batch)
+        )
+        loss = dfl(pred_dist, target.clone())
+    exact = UpstreamDFLoss(dfl.reg_max)(pred_dist.double(), target.double())
+    benchmark.extra_info.update(
+        kernel="v8_dfl_bf16_autocast_error",
+        provider=provider,
+        mode="forward",
+        dtype=DTYPE_NAMES[pred_dist.dtype],
+        x=size,
+        metric="max_abs_error_vs_float64",
+        value=(loss.double() - exact).abs().max().item(),
+        **common.run_metadata(common.cpu_description()),
+    )
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+
+
 # ------------------------------------------------------------ (b) the dual-head detector
 
 

@@ -105,6 +105,8 @@ if [[ " $* " == *" test "* ]]; then
     # import.
     "${PIP[@]}" install --no-deps "mmengine==0.10.7" "mmcv-lite==2.1.0" "mmdet==3.3.0"
     "${PIP[@]}" install addict yapf termcolor rich terminaltables pycocotools shapely scipy six tqdm
+    # What ultralytics' own trainer imports besides its loss and model code (its trainer test).
+    "${PIP[@]}" install polars psutil
   fi
 fi
 # A source edited while the build ran is not in this build: no stamp, so the next run rebuilds.
