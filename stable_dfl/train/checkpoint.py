@@ -171,6 +171,8 @@ class TrainingState(Protocol):
     best_fitness: float
     epoch_batches_done: int
     """Batches of the epoch in progress already trained (0 at an epoch's end)."""
+    epoch_steps_taken: int
+    """Of those, the optimizer steps not skipped: what the epoch's mean losses divide by."""
     epoch_loss_sums: dict[str, float]
     run_id: str
     class_names: tuple[str, ...]
@@ -195,6 +197,7 @@ def checkpoint_state(trainer: TrainingState) -> dict[str, Any]:
         "consecutive_skips": trainer.consecutive_skips,
         "best_fitness": trainer.best_fitness,
         "epoch_batches_done": trainer.epoch_batches_done,
+        "epoch_steps_taken": trainer.epoch_steps_taken,
         "epoch_loss_sums": dict(trainer.epoch_loss_sums),
         "run_id": trainer.run_id,
         "rng": rng,
@@ -246,6 +249,7 @@ def restore_checkpoint(trainer: TrainingState, path: Path, batches_per_epoch: in
             "trained with"
         )
     trainer.epoch_batches_done = done
+    trainer.epoch_steps_taken = int(state.get("epoch_steps_taken", done))
     trainer.epoch_loss_sums = {k: float(v) for k, v in state.get("epoch_loss_sums", {}).items()}
     trainer.run_id = str(state.get("run_id", trainer.run_id))
     torch.set_rng_state(state["rng"]["torch"])

@@ -14,6 +14,7 @@ steps. Rank 0 alone logs, validates and writes checkpoints.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import signal
 import time
@@ -141,6 +142,7 @@ class Trainer:
         # Of the epoch in progress: batches trained and their loss sums (a run stopped by a
         # signal saves them, so that its resume finishes the epoch it was in).
         self.epoch_batches_done = 0
+        self.epoch_steps_taken = 0  # of those batches, the optimizer steps not skipped
         self.epoch_loss_sums: dict[str, float] = {}
         self.stop = StopRequest()
         if config.resume is not None:
@@ -246,8 +248,13 @@ class Trainer:
             components, result, module_norms = self._train_step(batch)
             seconds = time.perf_counter() - started
             self.epoch_batches_done = index
+            # Epoch means are over the steps taken: a skipped step's (NaN) losses are reported
+            # with that step and counted in skipped steps, not averaged into the epoch.
+            if not result.skipped:
+                self.epoch_steps_taken += 1
             for name, value in components.items():
-                self.epoch_loss_sums[name] = self.epoch_loss_sums.get(name, 0.0) + value
+                taken = 0.0 if result.skipped else value
+                self.epoch_loss_sums[name] = self.epoch_loss_sums.get(name, 0.0) + taken
             report_step(
                 self.report,
                 self.config,
@@ -268,8 +275,12 @@ class Trainer:
             if limit and self.consecutive_skips >= limit:
                 self._stop_after_skips(result)
             self._stop_if_requested("in", epoch)
-        means = {name: total / batches for name, total in self.epoch_loss_sums.items()}
-        self.epoch_batches_done, self.epoch_loss_sums = 0, {}
+        taken = self.epoch_steps_taken
+        means = {
+            name: total / taken if taken else math.nan
+            for name, total in self.epoch_loss_sums.items()
+        }
+        self.epoch_batches_done, self.epoch_steps_taken, self.epoch_loss_sums = 0, 0, {}
         return means
 
     def _stop_if_requested(self, where: str, epoch: int) -> None:

@@ -174,6 +174,21 @@ def test_nan_logits_or_loss_skip_the_step_and_training_goes_on(tmp_path, inject)
     assert load_checkpoint(tmp_path / "last.pt")["step"] == 4  # finite, loadable
 
 
+def test_epoch_means_are_over_the_steps_taken(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, train_images=16), CPU)  # 4 batches
+    _nan_loss_at(trainer, {2})
+    trainer.fit()
+    steps = records(tmp_path, "step")
+    (epoch,) = records(tmp_path, "epoch")
+    taken = [r for r in steps if not r["skipped"]]
+    assert len(taken) == 3 and epoch["skipped_total"] == 1
+    for name in ("total_loss", "dfl_loss", "cls_loss", "iou_loss"):
+        assert math.isfinite(epoch[name]), f"a recovered run's epoch {name} must not read NaN"
+        assert epoch[name] == pytest.approx(sum(r[name] for r in taken) / 3, rel=1e-12)
+    log = (tmp_path / "training_debug.log").read_text()
+    assert "Epoch 1/1: " in log and "total_loss=nan" not in log and "skipped steps=1" in log
+
+
 def test_consecutive_skips_stop_the_run_and_keep_the_checkpoint(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, epochs=5, max_consecutive_skips=3), CPU)
     _nan_loss_at(trainer, set(range(3, 100)))
