@@ -28,7 +28,6 @@ Usage: ``python bench/bench_dfl.py [--quick] [--stem NAME] [-k EXPR]`` or ``--fr
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 from collections.abc import Callable
@@ -258,32 +257,13 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="small sizes, few rounds (a smoke run)"
-    )
-    parser.add_argument("-k", dest="select", help="run only the suite's cases matching this")
-    parser.add_argument(
-        "--from_json",
-        type=Path,
-        help="render this pytest-benchmark JSON instead of running (the CSV is not appended to)",
-    )
-    parser.add_argument(
-        "--stem",
-        help="name of the results files in bench/results/ (default: dfl_cpu, dfl_cpu_quick); "
-        "e.g. one per CPU level forced with ATEN_CPU_CAPABILITY",
-    )
-    args = parser.parse_args()
-    stem = args.stem or ("dfl_cpu_quick" if args.quick else "dfl_cpu")
-    json_path = args.from_json
-    if json_path is None:
-        common.RESULTS.mkdir(parents=True, exist_ok=True)
-        json_path = common.RESULTS / f"{stem}_benchmarks.json"
-        common.run_benchmark_suite("test_dfl_cpu.py", json_path, args.quick, args.select)
-    rows = common.rows_from_benchmark_json(json_path)
-    header = common.run_header(rows)
-    print(
-        common.write_results(rows, stem, plot, summary, header, append_csv=args.from_json is None)
+    common.suite_main(
+        __doc__.split("\n")[0],
+        "test_dfl_cpu.py",
+        "dfl_cpu",
+        plot,
+        summary,
+        "; e.g. one per CPU level forced with ATEN_CPU_CAPABILITY",
     )
 
 

@@ -9,7 +9,6 @@ Usage: ``python bench/bench_step.py [--quick] [--stem NAME] [-k EXPR]`` or ``--f
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import common
@@ -115,27 +114,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, few rounds")
-    parser.add_argument("-k", dest="select", help="run only the suite's cases matching this")
-    parser.add_argument(
-        "--from_json",
-        type=Path,
-        help="render this pytest-benchmark JSON instead of running (the CSV is not appended to)",
-    )
-    parser.add_argument("--stem", help="results files' name (default: step_cpu, step_cpu_quick)")
-    args = parser.parse_args()
-    stem = args.stem or ("step_cpu_quick" if args.quick else "step_cpu")
-    json_path = args.from_json
-    if json_path is None:
-        common.RESULTS.mkdir(parents=True, exist_ok=True)
-        json_path = common.RESULTS / f"{stem}_benchmarks.json"
-        common.run_benchmark_suite("test_step.py", json_path, args.quick, args.select)
-    rows = common.rows_from_benchmark_json(json_path)
-    header = common.run_header(rows)
-    print(
-        common.write_results(rows, stem, plot, summary, header, append_csv=args.from_json is None)
-    )
+    common.suite_main(__doc__.split("\n")[0], "test_step.py", "step_cpu", plot, summary)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@
 - :func:`result_row`: one row of results (kernel, provider, mode, metric, dtype, x and the
   median and 20%/80% quantiles of y, then the run's metadata), the CSV schema of
   ``bench_dfl.py``, ``bench_dfl_gpu.py`` and ``bench_integrations.py``;
-- :func:`run_benchmark_suite`: one of ``bench/test_*.py`` under pytest-benchmark, to a JSON;
+- :func:`record_case`, :func:`run_timed`: what a case of ``bench/test_*.py`` records and how it
+  is timed (pytest-benchmark rounds within a :class:`RoundBudget`);
+- :func:`run_benchmark_suite`, :func:`suite_main`: one of ``bench/test_*.py`` under
+  pytest-benchmark, to a JSON, and the command line of the script that runs and renders it;
 - :func:`rows_from_benchmark_json`: those rows from a pytest-benchmark JSON whose cases put
   their fields in ``extra_info`` (``bench/test_*.py``);
 - :func:`write_csv`, :func:`write_results`: a run's rows to ``<stem>.csv`` (appended),
@@ -21,13 +24,16 @@ Scripts run as ``python bench/<script>.py`` have ``bench/`` on ``sys.path`` and 
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import platform
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -145,6 +151,42 @@ def result_row(
     }
 
 
+@dataclass(frozen=True)
+class RoundBudget:
+    """How many timed rounds a case gets: as many as fit ``seconds``, within
+    ``[min_rounds, max_rounds]``; ``quick_rounds`` in the smoke mode."""
+
+    seconds: float
+    min_rounds: int
+    max_rounds: int
+    quick_rounds: int
+
+
+def record_case(benchmark, **info) -> None:
+    """Records a case's fields (kernel, provider, mode, dtype, x, ...) and the machine in
+    ``extra_info``, which is what :func:`rows_from_benchmark_json` reads."""
+    benchmark.extra_info.update(info)
+    benchmark.extra_info.update(run_metadata(cpu_description()))
+
+
+def run_timed(
+    benchmark, step: Callable[[], object], quick: bool, budget: RoundBudget, **info
+) -> None:
+    """Times ``step`` after one untimed call (compilation, first touch of memory), in as many
+    rounds as ``budget`` allows; ``info`` goes to :func:`record_case`."""
+    record_case(benchmark, **info)
+    step()
+    start = time.perf_counter()
+    step()
+    once = time.perf_counter() - start
+    if quick:
+        rounds = budget.quick_rounds
+    else:
+        fitting = int(budget.seconds / max(once, 1e-9))
+        rounds = min(budget.max_rounds, max(budget.min_rounds, fitting))
+    benchmark.pedantic(step, rounds=rounds, iterations=1)
+
+
 def run_benchmark_suite(
     test_file: str, json_path: Path, quick: bool, select: str | None = None
 ) -> None:
@@ -166,6 +208,45 @@ def run_benchmark_suite(
         *(["-k", select] if select else []),
     ]
     subprocess.run(command, check=True)
+
+
+def suite_main(
+    description: str,
+    test_file: str,
+    default_stem: str,
+    plot_fn: Callable[[list[dict], Path], None],
+    summary_fn: Callable[[list[dict]], str],
+    stem_help: str = "",
+) -> None:
+    """The command line of a script that runs ``bench/<test_file>`` (or reads a JSON it
+    wrote) and renders its results to ``bench/results/<stem>.*``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes, few rounds (a smoke run)"
+    )
+    parser.add_argument("-k", dest="select", help="run only the suite's cases matching this")
+    parser.add_argument(
+        "--from_json",
+        type=Path,
+        help="render this pytest-benchmark JSON instead of running (the CSV is not appended to)",
+    )
+    parser.add_argument(
+        "--stem",
+        help=f"name of the results files in bench/results/ (default: {default_stem}, "
+        f"{default_stem}_quick){stem_help}",
+    )
+    args = parser.parse_args()
+    stem = args.stem or (f"{default_stem}_quick" if args.quick else default_stem)
+    json_path = args.from_json
+    if json_path is None:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        json_path = RESULTS / f"{stem}_benchmarks.json"
+        run_benchmark_suite(test_file, json_path, args.quick, args.select)
+    rows = rows_from_benchmark_json(json_path)
+    table = write_results(
+        rows, stem, plot_fn, summary_fn, run_header(rows), append_csv=args.from_json is None
+    )
+    print(table)
 
 
 #: The fields of a row that a benchmark case records in ``extra_info``, besides its metadata.

@@ -15,7 +15,6 @@ the renderer reads.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import bench_dfl
@@ -27,24 +26,11 @@ from stable_dfl import stable_dfl_loss
 
 pytestmark = pytest.mark.benchmark(warmup=False, disable_gc=True)
 
-#: Seconds of timed rounds per case (at least MIN_ROUNDS, at most MAX_ROUNDS).
-BUDGET_S, MIN_ROUNDS, MAX_ROUNDS = 2.0, 7, 50
+#: Timed rounds per case: as many as fit the seconds, within the bounds.
+BUDGET = common.RoundBudget(2.0, 7, 50, 3)
 QUICK_SIZES = (6_400,)
 MASKED_ANCHORS, QUICK_MASKED_ANCHORS = 8 * 8_400, 8 * 400
 FOREGROUND = 0.10
-
-
-def run_timed(benchmark, step: Callable[[], object], quick: bool, **info) -> None:
-    """Times ``step`` after one untimed call (compilation, first touch of memory), in as many
-    rounds as fit the budget; ``info`` and the machine go to ``extra_info``."""
-    benchmark.extra_info.update(info)
-    benchmark.extra_info.update(common.run_metadata(common.cpu_description()))
-    step()
-    start = time.perf_counter()
-    step()
-    once = time.perf_counter() - start
-    rounds = 3 if quick else int(min(MAX_ROUNDS, max(MIN_ROUNDS, BUDGET_S / max(once, 1e-9))))
-    benchmark.pedantic(step, rounds=rounds, iterations=1)
 
 
 def dfl_cases(quick: bool):
@@ -70,8 +56,16 @@ def test_dfl(benchmark, dfl_case, quick):
     benchmark.group = f"dfl {dtype} N={n_rows:,} {mode}"
     pred, target, weight = bench_dfl.make_inputs(n_rows, bench_dfl.DTYPES[dtype])
     step = bench_dfl.make_step(provider, mode, pred, target, weight)
-    run_timed(
-        benchmark, step, quick, kernel="dfl", provider=provider, mode=mode, dtype=dtype, x=n_rows
+    common.run_timed(
+        benchmark,
+        step,
+        quick,
+        BUDGET,
+        kernel="dfl",
+        provider=provider,
+        mode=mode,
+        dtype=dtype,
+        x=n_rows,
     )
 
 
@@ -113,10 +107,11 @@ def test_dfl_masked(benchmark, dtype, provider, quick):
     generator = torch.Generator().manual_seed(1)
     foreground = torch.rand(anchors, generator=generator) < FOREGROUND
     step = masked_step(provider, pred, target, weight, foreground)
-    run_timed(
+    common.run_timed(
         benchmark,
         step,
         quick,
+        BUDGET,
         kernel="dfl_masked",
         provider=provider,
         mode="forward_backward",
@@ -131,13 +126,13 @@ def test_dfl_peak_extra_memory(benchmark, provider, quick):
     if quick:
         pytest.skip("memory is measured in full runs only")
     benchmark.group = f"dfl peak extra memory fp32 N={bench_dfl.MEMORY_ROWS:,}"
-    benchmark.extra_info.update(
+    common.record_case(
+        benchmark,
         kernel="dfl",
         provider=provider,
         mode="forward_backward",
         dtype="fp32",
         x=bench_dfl.MEMORY_ROWS,
-        **common.run_metadata(common.cpu_description()),
     )
 
     def measure() -> None:

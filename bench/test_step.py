@@ -23,7 +23,6 @@ step's.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,7 +36,8 @@ from stable_dfl.train import DistContext, TrainConfig, Trainer
 
 pytestmark = pytest.mark.benchmark(warmup=False, disable_gc=True)
 
-BUDGET_S, MIN_ROUNDS, MAX_ROUNDS = 4.0, 5, 30
+#: Timed rounds per case: as many as fit the seconds, within the bounds.
+BUDGET = common.RoundBudget(4.0, 5, 30, 2)
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 CPU = DistContext(0, 1, torch.device("cpu"))
 BATCH = 8
@@ -50,18 +50,6 @@ DETECTOR_PROVIDERS = {
     "fused_dfl+clip": ("fused", "off"),
     "eager_dfl+guard": ("eager", "on"),
 }
-
-
-def run_timed(benchmark, step: Callable[[], object], quick: bool, **info) -> None:
-    """As in test_dfl_cpu.py: one untimed call, then as many rounds as fit the budget."""
-    benchmark.extra_info.update(info)
-    benchmark.extra_info.update(common.run_metadata(common.cpu_description()))
-    step()
-    start = time.perf_counter()
-    step()
-    once = time.perf_counter() - start
-    rounds = 2 if quick else int(min(MAX_ROUNDS, max(MIN_ROUNDS, BUDGET_S / max(once, 1e-9))))
-    benchmark.pedantic(step, rounds=rounds, iterations=1)
 
 
 class _Recording(torch.nn.Module):
@@ -161,10 +149,11 @@ def test_ultralytics_loss(benchmark, ultralytics_setup, provider, quick):
         for leaf in tree_leaves(leaves):
             leaf.grad = None
 
-    run_timed(
+    common.run_timed(
         benchmark,
         step,
         quick,
+        BUDGET,
         kernel="v8_detection_loss",
         provider=provider,
         mode="forward_backward",
@@ -180,10 +169,11 @@ def test_ultralytics_dfl_alone(benchmark, ultralytics_setup, provider, quick):
     criterion = ultralytics_criterion(model, provider)
     dfl = criterion.bbox_loss.dfl_loss
     args, kwargs = captured_call(criterion.bbox_loss, "dfl_loss", lambda: criterion(preds, batch))
-    run_timed(
+    common.run_timed(
         benchmark,
         dfl_alone_step(dfl, args, kwargs),
         quick,
+        BUDGET,
         kernel="v8_dfl_alone",
         provider=provider,
         mode="forward_backward",
@@ -209,7 +199,8 @@ def test_ultralytics_dfl_error_under_cpu_bf16_autocast(benchmark, ultralytics_se
         )
         loss = dfl(pred_dist, target.clone())
     exact = UpstreamDFLoss(dfl.reg_max)(pred_dist.double(), target.double())
-    benchmark.extra_info.update(
+    common.record_case(
+        benchmark,
         kernel="v8_dfl_bf16_autocast_error",
         provider=provider,
         mode="forward",
@@ -217,7 +208,6 @@ def test_ultralytics_dfl_error_under_cpu_bf16_autocast(benchmark, ultralytics_se
         x=size,
         metric="max_abs_error_vs_float64",
         value=(loss.double() - exact).abs().max().item(),
-        **common.run_metadata(common.cpu_description()),
     )
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
 
@@ -234,7 +224,7 @@ def detector_trainer(tmp_path: Path, size: int, provider: str, batch: int) -> Tr
         batch_size=batch,
         train_images=batch,
         val_images=batch,
-        epochs=MAX_ROUNDS + 2,  # the schedule outlasts the timed steps
+        epochs=BUDGET.max_rounds + 2,  # the schedule outlasts the timed steps
         nan_guard=guard,
         log_interval=10**6,
         debug_interval=10**6,
@@ -260,10 +250,11 @@ def test_detector_step(benchmark, tmp_path, detector_size, provider, quick):
     benchmark.group = f"detector train step, batch {batch_size}, {detector_size} px"
     batch = next(iter(trainer.train_loader))
     try:
-        run_timed(
+        common.run_timed(
             benchmark,
             lambda: trainer._train_step(batch),
             quick,
+            BUDGET,
             kernel="detector_step",
             provider=provider,
             mode="train_step",
@@ -282,10 +273,11 @@ def test_detector_dfl_alone(benchmark, tmp_path, detector_size, provider, quick)
     batch = next(iter(trainer.train_loader))
     try:
         args, kwargs = captured_call(trainer.criterion, "dfl", lambda: trainer._train_step(batch))
-        run_timed(
+        common.run_timed(
             benchmark,
             dfl_alone_step(trainer.criterion.dfl, args, kwargs),
             quick,
+            BUDGET,
             kernel="detector_dfl_alone",
             provider=provider,
             mode="forward_backward",
@@ -323,10 +315,11 @@ def test_detector_optimizer_step(benchmark, tmp_path, detector_size, provider, q
             if provider != "grad_refresh":
                 stepper.step(trainer.optimizer, trainer.scaler)
 
-        run_timed(
+        common.run_timed(
             benchmark,
             step,
             quick,
+            BUDGET,
             kernel="detector_optimizer_step",
             provider=provider,
             mode="step",

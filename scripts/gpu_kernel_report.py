@@ -50,6 +50,21 @@ class KernelReport:
     spill_loads: int
     stack_bytes: int
 
+    @classmethod
+    def of(cls, entry: dict, source: str, kernel: str, variant: str, dtype: str) -> KernelReport:
+        """The report of one entry function of :func:`parse_ptxas`."""
+        return cls(
+            source,
+            kernel,
+            variant,
+            dtype,
+            entry["arch"],
+            entry["registers"],
+            entry["spill_stores"],
+            entry["spill_loads"],
+            entry["stack_bytes"],
+        )
+
     @property
     def spills(self) -> bool:
         return self.spill_stores > 0 or self.spill_loads > 0
@@ -201,19 +216,7 @@ def triton_reports(archs: list[int]) -> list[KernelReport]:
                     check=True,
                 )
                 (entry,) = parse_ptxas(out.stdout + out.stderr)
-                reports.append(
-                    KernelReport(
-                        "triton",
-                        kernel,
-                        variant,
-                        dtype,
-                        arch,
-                        entry["registers"],
-                        entry["spill_stores"],
-                        entry["spill_loads"],
-                        entry["stack_bytes"],
-                    )
-                )
+                reports.append(KernelReport.of(entry, "triton", kernel, variant, dtype))
     return reports
 
 
@@ -254,17 +257,7 @@ def cuda_reports(archs: list[int], nvcc: str) -> list[KernelReport]:
                 kernel = head.split("<")[0].split("::")[-1]
                 template = head[head.find("<") + 1 : head.rfind(">")] if "<" in head else ""
                 reports.append(
-                    KernelReport(
-                        "cuda",
-                        kernel,
-                        template,
-                        cuda_dtype(template),
-                        arch,
-                        entry["registers"],
-                        entry["spill_stores"],
-                        entry["spill_loads"],
-                        entry["stack_bytes"],
-                    )
+                    KernelReport.of(entry, "cuda", kernel, template, cuda_dtype(template))
                 )
     return reports
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import socket
 import subprocess
 import sys
 import types
@@ -19,6 +18,8 @@ import stable_dfl.integrations
 from stable_dfl import DEFAULT_EPS
 from stable_dfl.integrations import mmdet as stable_mmdet
 from stable_dfl.integrations import ultralytics as stable_ultralytics
+
+from ..support.network import refuse_network
 
 REG_MAX = 16
 HOPELESS_SIDE_LOSS = -math.log(DEFAULT_EPS)  # 13.8: the most one element can cost
@@ -169,17 +170,7 @@ def _detection_batch():
 def network_attempts(monkeypatch):
     """Every attempt to resolve or connect, each refused (as on a machine without network)."""
     attempts = []
-
-    def refuse(name):
-        def refused(*args, **kwargs):
-            attempts.append((name, args))
-            raise OSError(f"network access attempted in a test: {name}{args}")
-
-        return refused
-
-    monkeypatch.setattr(socket, "getaddrinfo", refuse("getaddrinfo"))
-    monkeypatch.setattr(socket, "create_connection", refuse("create_connection"))
-    monkeypatch.setattr(socket.socket, "connect", refuse("connect"))
+    refuse_network(attempts, monkeypatch.setattr)
     return attempts
 
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import sys
 from pathlib import Path
+
+from tests.support.network import refuse_network
 
 LOSS_COLUMNS = (
     "train/box_loss",
@@ -25,19 +26,6 @@ LOSS_COLUMNS = (
     "val/cls_loss",
     "val/dfl_loss",
 )
-
-
-def _refuse_network(attempts: list[str]) -> None:
-    def refuse(name):
-        def refused(*args, **kwargs):
-            attempts.append(name)
-            raise OSError(f"no network in this test: {name}")
-
-        return refused
-
-    socket.getaddrinfo = refuse("getaddrinfo")
-    socket.create_connection = refuse("create_connection")
-    socket.socket.connect = refuse("connect")
 
 
 def _count_calls(cls: type, counts: dict[str, int], key: str) -> None:
@@ -52,8 +40,8 @@ def _count_calls(cls: type, counts: dict[str, int], key: str) -> None:
 
 def main(data_yaml: str, run_dir: str, mode: str) -> dict:
     os.environ["YOLO_OFFLINE"] = "1"
-    attempts: list[str] = []
-    _refuse_network(attempts)
+    attempts: list = []
+    refuse_network(attempts)
     from ultralytics import YOLO
     from ultralytics.utils import loss as ultralytics_loss
 
@@ -83,7 +71,7 @@ def main(data_yaml: str, run_dir: str, mode: str) -> dict:
     with open(Path(run_dir) / "results.csv") as file:
         rows = list(csv.DictReader(file))
     losses = [{c: float(row[c]) for c in LOSS_COLUMNS} for row in rows]
-    return {"losses": losses, "calls": counts, "network_attempts": attempts}
+    return {"losses": losses, "calls": counts, "network_attempts": [name for name, _ in attempts]}
 
 
 if __name__ == "__main__":
