@@ -173,11 +173,11 @@ class Trainer:
             return self._fit()
         finally:
             self.stop.uninstall()
-            self.report.close()
-            self.run_folder.release()
+            self.close()
 
     def close(self) -> None:
-        """Releases the run folder and closes the logs of a trainer that will not fit."""
+        """Releases the run folder and closes the logs (of a trainer that will not fit, or
+        has finished)."""
         self.report.close()
         self.run_folder.release()
 
