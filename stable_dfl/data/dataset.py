@@ -14,6 +14,8 @@ class DetectionSample(NamedTuple):
     """``[N]`` long class ids."""
     boxes: torch.Tensor
     """``[N, 4]`` xyxy pixels."""
+    index: int = -1
+    """The sample's index in its dataset (-1: not from one)."""
 
 
 class DetectionBatch(NamedTuple):
@@ -25,6 +27,8 @@ class DetectionBatch(NamedTuple):
     """``[B, M, 4]``; padded slots hold zeros."""
     valid: torch.Tensor
     """``[B, M]`` bool: real boxes."""
+    indices: torch.Tensor
+    """``[B]`` long: each image's index in its dataset (what names its file)."""
 
 
 class PadToFixedBoxes:
@@ -48,4 +52,7 @@ class PadToFixedBoxes:
             labels[i, :count] = sample.labels
             boxes[i, :count] = sample.boxes
             valid[i, :count] = True
-        return DetectionBatch(torch.stack([s.image for s in samples]), labels, boxes, valid)
+        indices = torch.tensor([s.index for s in samples], dtype=torch.long)
+        return DetectionBatch(
+            torch.stack([s.image for s in samples]), labels, boxes, valid, indices
+        )

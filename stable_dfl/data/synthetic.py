@@ -45,6 +45,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
         if split not in _SPLIT_IDS:
             raise ValueError(f"split must be one of {tuple(_SPLIT_IDS)}, got {split!r}")
         self.class_names = SHAPE_CLASSES
+        self.split = split
         self.image_size = image_size
         self.max_objects = max_objects
         self._min_size, self._max_size, self._max_overlap = min_size, max_size, max_overlap
@@ -65,8 +66,12 @@ class SyntheticShapes(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> DetectionSample:
         annotation = self.annotations[index]
         return DetectionSample(
-            self.images[index].float() / 255.0, annotation[:, 0].long(), annotation[:, 1:]
+            self.images[index].float() / 255.0, annotation[:, 0].long(), annotation[:, 1:], index
         )
+
+    def image_name(self, index: int) -> str:
+        """How logs and reports name image ``index``."""
+        return f"synthetic {self.split} image {index}"
 
     def _render(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         size = self.image_size

@@ -179,7 +179,11 @@ class YoloDataset(torch.utils.data.Dataset):
         annotation = self.annotations[index]
         centre, size = annotation[:, 1:3], annotation[:, 3:5]
         boxes = torch.cat((centre - size / 2, centre + size / 2), 1).clamp(0, 1) * self.image_size
-        return DetectionSample(image, annotation[:, 0].long(), boxes)
+        return DetectionSample(image, annotation[:, 0].long(), boxes, index)
+
+    def image_name(self, index: int) -> str:
+        """How logs and reports name image ``index``: its file."""
+        return str(self.image_paths[index])
 
 
 def split_dirs(root: Path, split: str | None) -> tuple[Path, Path]:

@@ -149,6 +149,13 @@ class TrainConfig:
         "for NaN/Inf gradients; the last checkpoint is kept (0: never stop)",
         COUNT,
     )
+    forensics_steps: int = _option(
+        3,
+        "explain this many skipped steps (the first ones) by replaying each once with hooks: "
+        "first NaN/Inf module, loss or gradient and the images that cause it, in "
+        "<save_dir>/forensics/step_<k>.json (0: never)",
+        COUNT,
+    )
     resume: str | None = _option(
         None,
         "continue a run from a checkpoint (default with no path: <save_dir>/last.pt)",

@@ -65,6 +65,9 @@ class StepRecord(Record):
     skipped_total: int
     lr: float
     images_per_s: float
+    forensics: str | None = None
+    """The file, relative to the run folder, explaining why this skipped step went
+    non-finite (:mod:`stable_dfl.train.forensics`); None when it was not replayed."""
 
 
 @dataclass(frozen=True)

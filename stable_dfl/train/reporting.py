@@ -225,6 +225,7 @@ def report_step(
     losses: dict[str, float],
     outcome: StepOutcome,
     module_norms: dict[str, float] | None,
+    forensics: str | None,
     lr: float,
     scale: float,
     skipped_total: int,
@@ -232,7 +233,8 @@ def report_step(
 ) -> None:
     """One batch: a warning per offender of a skipped step, the batch line every
     ``log_interval`` steps, the debug block when ``module_norms`` were measured, the
-    progress line and the step record. ``epoch`` counts from 1, ``batch`` within it."""
+    progress line and the step record, which names ``forensics``, the file of the step's
+    explanation (None: not replayed). ``epoch`` counts from 1, ``batch`` within it."""
     if outcome.skipped:
         for name in outcome.offenders[:MAX_NAMED_OFFENDERS]:
             reporter.info(f"⚠️ NaN/Inf gradient in {name}")
@@ -279,6 +281,7 @@ def report_step(
             skipped_total=skipped_total,
             lr=lr,
             images_per_s=round(images_per_second, 2),
+            forensics=forensics,
         )
     )
 

@@ -40,6 +40,7 @@ from .config import TrainConfig
 from .distributed import DistContext, all_reduce_mean, broadcast_from_main
 from .ema import ModelEMA
 from .evaluate import evaluate
+from .forensics import SkippedStepForensics
 from .precision import resolve_precision
 from .records import ResumeRecord
 from .reporting import (
@@ -132,6 +133,14 @@ class Trainer:
         )
         self.optimizer, self.scheduler, self.scaler, self.guard = build_optimization(
             self.model, config, self.device, self.amp_dtype, config.epochs * self.batches_per_epoch
+        )
+        self.forensics = SkippedStepForensics(
+            config.forensics_steps,
+            self.save_dir,
+            self.report,
+            context,
+            len(self.class_names),
+            self.train_loader.dataset.image_name,
         )
 
         self.epoch = 0  # epochs completed
@@ -245,7 +254,7 @@ class Trainer:
         for index, batch in enumerate(self.train_loader, start=done + 1):
             started = time.perf_counter()
             self.step += 1
-            components, result, module_norms = self._train_step(batch)
+            components, result, module_norms, forensics = self._train_step(batch)
             seconds = time.perf_counter() - started
             self.epoch_batches_done = index
             # Epoch means are over the steps taken: a skipped step's (NaN) losses are reported
@@ -265,6 +274,7 @@ class Trainer:
                 losses=components,
                 outcome=result,
                 module_norms=module_norms,
+                forensics=forensics,
                 lr=self.optimizer.param_groups[0]["lr"],
                 scale=loss_scale(self.scaler),
                 skipped_total=self.skipped_steps,
@@ -315,7 +325,12 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- step
 
-    def _train_step(self, batch) -> tuple[dict[str, float], StepOutcome, dict[str, float] | None]:
+    def _train_step(
+        self, batch
+    ) -> tuple[dict[str, float], StepOutcome, dict[str, float] | None, str | None]:
+        """One batch; returns its losses (averaged over ranks), the step's outcome, the
+        per-module gradient norms (every ``--debug_interval`` steps) and the file of the
+        step's explanation (when it was skipped and replayed)."""
         images = batch.images.to(self.device, non_blocking=True)
         targets = DetectionTargets(
             batch.labels.to(self.device), batch.boxes.to(self.device), batch.valid.to(self.device)
@@ -333,6 +348,7 @@ class Trainer:
             output = self.ddp_model(images)
         loss, components = self.criterion(output, targets)
         self.optimizer.zero_grad(set_to_none=True)
+        scale = loss_scale(self.scaler)  # the scale this step runs with
         self.scaler.scale(loss).backward()
         module_norms = (
             module_grad_norms(self.model, loss_scale(self.scaler))
@@ -352,7 +368,21 @@ class Trainer:
         reduced = dict(zip([*names, "total_loss"], values, strict=True))
         if result.skipped:
             self.skipped_steps += 1
-        return reduced, result, module_norms
+        # From the state before the step: a skipped step changed no parameter, and the
+        # buffers are back. Nothing runs here for a step that was taken.
+        forensics = self.forensics.after_step(
+            step=self.step,
+            skipped=result.skipped,
+            loss_finite=math.isfinite(reduced["total_loss"]),
+            model=self.model,
+            criterion=self.criterion,
+            images=images,
+            targets=targets,
+            indices=batch.indices,
+            autocast_dtype=self.amp_dtype,
+            loss_scale=scale,
+        )
+        return reduced, result, module_norms, forensics
 
     # ---------------------------------------------------------------- divergence stop
 

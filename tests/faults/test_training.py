@@ -52,11 +52,12 @@ def _poison_gradient(trainer: Trainer, faults: dict[int, float]) -> None:
 
 
 def _record_state_before_each_step(trainer: Trainer) -> dict[int, dict]:
-    """{step: state before its forward pass (buffers and the GradScaler's state too)}."""
+    """{step: state before its forward pass (buffers and the GradScaler's state too)}; the
+    replays of a skipped step's explanation run the forward again, after the step."""
     before: dict[int, dict] = {}
 
     def pre_forward(_module, _inputs):
-        if trainer.model.training:
+        if trainer.model.training and trainer.step not in before:
             before[trainer.step] = _state(trainer)
 
     trainer.model.register_forward_pre_hook(pre_forward)

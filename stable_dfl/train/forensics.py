@@ -1,0 +1,144 @@
+"""Which skipped steps the trainer explains, and where each explanation goes.
+
+A skipped step is replayed by :func:`stable_dfl.forensics.explain_step` from the state
+before it (a skipped step changed no parameter, and its BatchNorm statistics were put
+back), at the loss scale it ran with. At most ``--forensics_steps`` steps are replayed.
+An fp16 run's first steps are often skipped while GradScaler lowers its initial scale:
+once a skip is explained as a loss-scale overflow, the skips that follow it in a row with
+a finite loss are the same calibration, recorded as such and not replayed. Steps that are
+taken cost nothing.
+
+The explanation is written to ``<save_dir>/forensics/step_<k>.json`` (by rank 0; under
+DDP each rank replays its own shard and the first rank that reproduces the fault is
+kept) and logged in one or two lines; the step's record names the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..forensics import LOSS_SCALE_OVERFLOW, StepExplanation, detection_label_facts, explain_step
+from ..models import DetectionTargets
+from .distributed import DistContext, gather_objects
+from .reporting import Reporter
+
+FORENSICS_DIR = "forensics"
+#: Bisection passes per explained step: enough to single out one image of a batch of 16.
+MAX_BISECT_REPLAYS = 8
+
+
+def explanation_path(step: int) -> str:
+    """The file of step ``step``'s explanation, relative to the run folder."""
+    return f"{FORENSICS_DIR}/step_{step}.json"
+
+
+class SkippedStepForensics:
+    def __init__(
+        self,
+        max_steps: int,
+        save_dir: Path,
+        report: Reporter,
+        context: DistContext,
+        num_classes: int,
+        image_name: Any,
+    ) -> None:
+        """``image_name(index)`` names a training image in the logs (its file)."""
+        self.remaining = max_steps
+        self.save_dir = save_dir
+        self.report = report
+        self.context = context
+        self.num_classes = num_classes
+        self.image_name = image_name
+        #: The explained loss-scale overflow that the current run of skips repeats.
+        self.calibration_explained_at: int | None = None
+
+    def after_step(
+        self,
+        *,
+        step: int,
+        skipped: bool,
+        loss_finite: bool,
+        model: nn.Module,
+        criterion: nn.Module,
+        images: torch.Tensor,
+        targets: DetectionTargets,
+        indices: torch.Tensor,
+        autocast_dtype: torch.dtype | None,
+        loss_scale: float,
+    ) -> str | None:
+        """After a step: replays it when it was skipped (and the budget allows); returns the
+        explanation's file (relative to the run folder) for the step's record, or None."""
+        if not skipped:
+            self.calibration_explained_at = None
+            return None
+        if self.calibration_explained_at is not None and loss_finite:
+            first = self.calibration_explained_at
+            self.report.info(
+                f"NaN/Inf origin (batch {step}): fp16 loss-scale calibration, as explained at "
+                f"batch {first}; not replayed"
+            )
+            return explanation_path(first)
+        if self.remaining == 0:
+            return None
+        self.remaining -= 1
+        explanation = self._explain(
+            step, model, criterion, images, targets, indices, autocast_dtype, loss_scale
+        )
+        if explanation.origin.cause == LOSS_SCALE_OVERFLOW:
+            self.calibration_explained_at = step
+        path = explanation_path(step)
+        if self.context.is_main:
+            self._write(self.save_dir / path, explanation)
+            for line in explanation.log_lines():
+                self.report.info(line)
+            self.report.info(f"  details: {self.save_dir / path}")
+        return path
+
+    def _explain(
+        self,
+        step: int,
+        model: nn.Module,
+        criterion: nn.Module,
+        images: torch.Tensor,
+        targets: DetectionTargets,
+        indices: torch.Tensor,
+        autocast_dtype: torch.dtype | None,
+        loss_scale: float,
+    ) -> StepExplanation:
+        label_facts = detection_label_facts(
+            targets.labels, targets.boxes, targets.valid, tuple(images.shape[-2:]), self.num_classes
+        )
+        index_list = indices.tolist()
+        for facts, index in zip(label_facts, index_list, strict=True):
+            facts["dataset_index"] = index
+        explanation = explain_step(
+            model,
+            criterion,
+            images,
+            targets,
+            autocast_dtype=autocast_dtype,
+            loss_scale=loss_scale,
+            image_names=[self.image_name(i) for i in index_list],
+            image_facts=label_facts,
+            max_replays=MAX_BISECT_REPLAYS,
+            step=step,
+        )
+        if not self.context.distributed:
+            return explanation
+        # Each rank replayed its own shard: keep the first that found where it started.
+        explanations = gather_objects(explanation, self.context)
+        return next((e for e in explanations if e.origin.stage != "none"), explanation)
+
+    @staticmethod
+    def _write(path: Path, explanation: StepExplanation) -> None:
+        """Written aside and renamed: a report never reads half a file."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(explanation.to_json(), indent=1) + "\n", encoding="utf-8")
+        os.replace(temporary, path)
