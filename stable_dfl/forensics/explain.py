@@ -313,21 +313,20 @@ def _input_origin(pixels: list[dict[str, Any]]) -> Origin | None:
 def _forward_origin(replay: _Replay, fault: ForwardFault, amp: str) -> Origin:
     details: dict[str, Any] = {
         "module": fault.module,
-        "parent": fault.parent,
+        "caller": fault.caller,
         "input": fault.inputs.to_json(),
         "output": fault.output.to_json(),
         "weights_finite": fault.weights_finite,
     }
-    bad_input = fault.inputs.exceeds(dtype_limit(replay.autocast_dtype))
-    if bad_input and not fault.inputs_are_model_inputs and fault.parent is not None:
-        # The module got its NaN/Inf from the code of its caller, outside any submodule.
+    if fault.caller is not None and not fault.inputs_are_model_inputs:
+        # The module got its NaN/Inf from the code of a caller, outside any submodule.
         return Origin(
             "forward",
-            fault.parent,
+            fault.caller,
             NONFINITE_IN_FP32 if fault.inputs.nonfinite else AUTOCAST_OVERFLOW,
             "model",
-            f"forward of {fault.parent} (its own code, before it calls {fault.module}): "
-            f"{fault.inputs.describe()}",
+            f"forward of {fault.caller} (its own code, not a submodule's: {fault.module} got "
+            f"input {fault.inputs.describe()})",
             details,
         )
     fp32 = _rerun_in_float32(replay, fault) if replay.autocast_dtype is not None else None
@@ -348,6 +347,8 @@ def _forward_origin(replay: _Replay, fault: ForwardFault, amp: str) -> Origin:
         if not fault.weights_finite
         else f"input {fault.inputs.describe()}"
     )
+    if any(True for _ in fault.call[0].children()):
+        why += "; made by its own code, not by a submodule"
     return Origin(
         "forward",
         fault.module,
@@ -413,7 +414,7 @@ def _backward_origin(
     what = (
         f"gradient of {fault.name}"
         if fault.kind == "parameter"
-        else f"gradient of the output of {fault.name}"
+        else f"gradient of the output {fault.name}"
     )
     head = f"{what}, made by the backward of {fault.produced_by}"
     if replay.autocast_dtype == torch.float16 and replay.loss_scale != 1.0:
@@ -475,33 +476,39 @@ def _bisect(
     select: Select,
     max_replays: int,
 ) -> tuple[list[int] | None, str]:
-    """The smallest part of the batch found, halving, that alone reproduces the fault."""
+    """The smallest part of the batch found, halving, that alone reproduces the fault:
+    each half is replayed; one that does is halved again, until both do (the fault is
+    not the images') or neither does (it needs images of both)."""
+    if max_replays == 0:
+        return None, "not bisected (max_replays=0)"
     candidates = list(range(len(inputs)))
     if len(candidates) == 1:
         return None, "a batch of one image"
-    found: list[int] | None = None
     budget = max_replays
     refused: str | None = None  # why a part of the batch could not run on its own
-    while len(candidates) > 1 and budget > 0:
+
+    def reproduces(part: list[int]) -> bool:
+        nonlocal refused
+        part_inputs, part_targets = select(inputs, targets, part)
+        try:
+            return replay.fault_up_to(stage, part_inputs, part_targets)
+        except Exception as error:  # e.g. BatchNorm of a single image: the part cannot run
+            refused = refused or f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+            return False
+
+    found: list[int] | None = None
+    while len(candidates) > 1 and budget >= 2:
+        budget -= 2
         middle = len(candidates) // 2
-        progressed = False
-        for half in (candidates[:middle], candidates[middle:]):
-            if budget == 0:
-                break
-            budget -= 1
-            part_inputs, part_targets = select(inputs, targets, half)
-            try:
-                reproduced = replay.fault_up_to(stage, part_inputs, part_targets)
-            except (RuntimeError, ValueError) as error:  # e.g. BatchNorm of a single image
-                refused = refused or f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
-                reproduced = False
-            if reproduced:
-                candidates, found, progressed = half, half, True
-                break
-        if not progressed:
+        halves = candidates[:middle], candidates[middle:]
+        reproduced = [reproduces(half) for half in halves]
+        if all(reproduced):
+            if found is None:
+                return None, "every half of the batch reproduces it: not particular images"
             break
-    if max_replays == 0:
-        return None, "not bisected (max_replays=0)"
+        if not any(reproduced):
+            break
+        candidates = found = halves[reproduced.index(True)]
     why_not_smaller = f"; a smaller part could not run alone ({refused})" if refused else ""
     if found is None:
         return None, f"no half of the batch reproduces it alone{why_not_smaller}"

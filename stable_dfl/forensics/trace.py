@@ -26,25 +26,29 @@ LOSS_CONSUMER = "the loss"
 _MAX_DEPTH = 6
 
 
-def tensors_in(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:
-    """Every tensor in ``value``: tensors, sequences, mappings, dataclasses, NamedTuples."""
+def named_tensors(value: Any, path: str = "", depth: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor in ``value`` (tensors, sequences, mappings, dataclasses, NamedTuples)
+    with its place in it: ``""`` for a tensor, else ``[0]``, ``.box_logits``, ``[key]``."""
     if depth > _MAX_DEPTH:
         return
     if isinstance(value, torch.Tensor):
-        yield value
+        yield path, value
     elif isinstance(value, Mapping):
-        for item in value.values():
-            yield from tensors_in(item, depth + 1)
+        for key, item in value.items():
+            yield from named_tensors(item, f"{path}[{key}]", depth + 1)
+    elif isinstance(value, tuple) and hasattr(value, "_fields"):
+        for key, item in zip(value._fields, value, strict=True):
+            yield from named_tensors(item, f"{path}.{key}", depth + 1)
     elif isinstance(value, list | tuple):
-        for item in value:
-            yield from tensors_in(item, depth + 1)
+        for index, item in enumerate(value):
+            yield from named_tensors(item, f"{path}[{index}]", depth + 1)
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         for item in dataclasses.fields(value):
-            yield from tensors_in(getattr(value, item.name), depth + 1)
+            yield from named_tensors(getattr(value, item.name), f"{path}.{item.name}", depth + 1)
 
 
 def float_tensors(value: Any) -> list[torch.Tensor]:
-    return [t for t in tensors_in(value) if t.is_floating_point()]
+    return [t for _, t in named_tensors(value) if t.is_floating_point()]
 
 
 @dataclass(frozen=True)
@@ -97,8 +101,9 @@ class ForwardFault:
     """The first module whose output was non-finite or beyond the autocast dtype's range."""
 
     module: str
-    parent: str | None
-    """The module that called it (None for the model itself)."""
+    caller: str | None
+    """When the module's inputs were already bad: the innermost running module whose own
+    inputs were fine, whose code (outside its submodules) made them (None otherwise)."""
     inputs: Magnitude
     output: Magnitude
     inputs_are_model_inputs: bool
@@ -114,7 +119,8 @@ class GradientFault:
     kind: str
     """``parameter`` (a parameter's gradient) or ``activation`` (a module output's)."""
     name: str
-    """The parameter, or the module whose output it is the gradient of."""
+    """The parameter, or the module output it is the gradient of (the module's name, then
+    the output's place in what the module returns: ``head.box_logits``, ``fpn[0]``)."""
     produced_by: str
     """The backward that produced it: the parameter's module, or the activation's consumer."""
     gradient: Magnitude
@@ -144,7 +150,7 @@ class PassTrace:
         self.gradients_seen = 0
         self.paused = False
         self._handles: list[Any] = []
-        self._stack: list[str] = []
+        self._stack: list[tuple[str, tuple, dict]] = []  # running modules and their arguments
         self._model_input_ids: set[int] = set()
         # id(tensor) -> innermost modules that took it as input; the tensors are kept alive
         # so that an id is never reused during the pass.
@@ -195,7 +201,7 @@ class PassTrace:
                     consumers[-1] = name
                 elif name not in consumers:
                     consumers.append(name)
-            self._stack.append(name)
+            self._stack.append((name, args, kwargs))
 
         return hook
 
@@ -209,10 +215,13 @@ class PassTrace:
                 magnitude = Magnitude.of(outputs)
                 if magnitude.exceeds(self.overflow_limit):
                     inputs = float_tensors((args, kwargs))
+                    input_magnitude = Magnitude.of(inputs)
                     self.forward_fault = ForwardFault(
                         module=name,
-                        parent=self._stack[-1] if self._stack else None,
-                        inputs=Magnitude.of(inputs),
+                        caller=self._caller()
+                        if input_magnitude.exceeds(self.overflow_limit)
+                        else None,
+                        inputs=input_magnitude,
                         output=magnitude,
                         inputs_are_model_inputs=bool(inputs)
                         and all(id(t) in self._model_input_ids for t in inputs),
@@ -222,13 +231,24 @@ class PassTrace:
                         call=(module, args, kwargs),
                     )
             if self.gradients:
-                for tensor in outputs:
-                    if tensor.requires_grad:
+                for place, tensor in named_tensors(output):
+                    if tensor.is_floating_point() and tensor.requires_grad:
                         self._kept.append(tensor)
                         consumers = self._consumers.setdefault(id(tensor), [])
-                        tensor.register_hook(self._on_gradient("activation", name, consumers))
+                        # An in-place module returns its input: it did not consume it.
+                        if name in consumers:
+                            consumers.remove(name)
+                        tensor.register_hook(
+                            self._on_gradient("activation", name + place, consumers)
+                        )
 
         return hook
+
+    def _caller(self) -> str | None:
+        for name, args, kwargs in reversed(self._stack):
+            if not Magnitude.of(float_tensors((args, kwargs))).exceeds(self.overflow_limit):
+                return name
+        return None
 
     def _on_gradient(self, kind: str, name: str, consumers: list[str]):
         def hook(gradient: torch.Tensor) -> None:

@@ -7,7 +7,8 @@ no run ``--run_id`` in it, or no step recorded yet) or bad usage.
 A file holding several runs is judged on its latest unless ``--run_id`` picks one (a
 ``note:`` on stderr names them); with ``--compare`` each file's latest is judged.
 Malformed lines are ignored, named in a ``warning:`` on stderr (and in ``--json``); no
-content of the file makes the report fail with a traceback.
+content of the file makes the report fail with a traceback. Steps that the trainer
+explained (``forensics/step_<k>.json``) are listed with where their NaN/Inf started.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from .forensics import explained_steps
 from .metrics import NO_RUN_ID, NoSuchRunError, RunMetrics, format_run_id, format_run_ids, load_run
 from .verdicts import Check, HealthCriteria, is_healthy, judge_run
 
@@ -172,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                     "malformed_lines": [asdict(item) for item in run.malformed],
                     "healthy": is_healthy(checks),
                     "checks": [asdict(c) for c in checks],
+                    "explained_steps": [e.to_json() for e in explained_steps(run)],
                 }
                 for run, checks in zip(runs, verdicts, strict=True)
             ],
@@ -196,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         if details:
             print("\ndetails:")
             print("\n".join(details))
+        for run, name in zip(runs, names, strict=True):
+            explained = explained_steps(run)
+            if explained:
+                print(f"\nwhy steps went non-finite{f' in {name}' if len(runs) > 1 else ''}:")
+                print("\n".join(f"  {e.describe()}" for e in explained))
         print(f"\n{'HEALTHY' if healthy else 'UNHEALTHY'}")
         for plot in plots:
             print(f"plot: {plot}")

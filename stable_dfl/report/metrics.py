@@ -26,7 +26,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..train.records import EVALUATION_KINDS, METRICS_NAME, RESUME_KIND, STEP_KIND
@@ -145,6 +145,18 @@ def _names(value: Any) -> list[str]:
     return value
 
 
+def _relative_path(value: Any) -> str | None:
+    """A file inside the run folder (the report opens it), or null."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > 256:
+        raise ValueError("a relative path or null")
+    path = PurePosixPath(value)
+    if path.is_absolute() or ".." in path.parts or "\\" in value or "\x00" in value:
+        raise ValueError("a path inside the run folder or null")
+    return value
+
+
 _STEP_REQUIRED: dict[str, Callable[[Any], Any]] = {
     "step": _count(1),
     "epoch": _count(0),
@@ -162,6 +174,7 @@ _STEP_OPTIONAL: dict[str, Callable[[Any], Any]] = {
     "grad_finite": _bool,
     "skipped_total": _count(0),
     "nonfinite_params": _names,
+    "forensics": _relative_path,
 }
 _EVALUATION_REQUIRED: dict[str, Callable[[Any], Any]] = {"step": _count(0)}
 _RESUME_REQUIRED: dict[str, Callable[[Any], Any]] = {"step": _count(0), "epoch": _count(0)}

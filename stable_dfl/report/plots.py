@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from .forensics import explained_steps
 from .metrics import RunMetrics
 
 LOSS_COMPONENTS = ("total_loss", "cls_loss", "iou_loss", "dfl_loss")
@@ -25,6 +26,15 @@ def _mark_skipped(axis, run: RunMetrics) -> None:
     for index, step in enumerate(skipped):
         axis.axvline(
             step, color="red", alpha=0.25, lw=0.8, label="skipped step" if index == 0 else None
+        )
+
+
+def _mark_explained(axis, run: RunMetrics) -> None:
+    """A dashed black line at each replayed step (the one its explanation is named after)."""
+    replayed = [e.steps[0] for e in explained_steps(run)]
+    for index, step in enumerate(replayed):
+        axis.axvline(
+            step, color="black", ls="--", lw=1, label="explained step" if index == 0 else None
         )
 
 
@@ -96,6 +106,7 @@ def _draw_run(axes, run: RunMetrics, name: str, style: str, colour_offset: int) 
     )
     for axis in axes[:4]:
         _mark_skipped(axis, run)
+    _mark_explained(axes[0], run)
 
 
 def _figure(runs: list[tuple[str, RunMetrics]], title: str, path: Path) -> Path:
@@ -131,7 +142,8 @@ def _figure(runs: list[tuple[str, RunMetrics]], title: str, path: Path) -> Path:
 
 def plot_run(run: RunMetrics, path: Path) -> Path:
     """One figure: losses, grad norm before/after clipping with the clip threshold, loss
-    scale, lr, val mAP and skipped steps (red lines on the per-step panels)."""
+    scale, lr, val mAP and skipped steps (red lines on the per-step panels; the explained
+    ones dashed black on the loss panel)."""
     return _figure([("", run)], str(run.path.parent), path)
 
 

@@ -87,9 +87,16 @@ class SkippedStepForensics:
         if self.remaining == 0:
             return None
         self.remaining -= 1
-        explanation = self._explain(
-            step, model, criterion, images, targets, indices, autocast_dtype, loss_scale
-        )
+        try:
+            explanation = self._explain(
+                step, model, criterion, images, targets, indices, autocast_dtype, loss_scale
+            )
+        except Exception as error:  # an explanation is a bonus: it never ends the run
+            self.report.info(
+                f"NaN/Inf origin (batch {step}): not found, the replay failed "
+                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+            )
+            return None
         if explanation.origin.cause == LOSS_SCALE_OVERFLOW:
             self.calibration_explained_at = step
         path = explanation_path(step)
