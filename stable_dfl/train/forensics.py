@@ -88,13 +88,16 @@ class SkippedStepForensics:
             return None
         self.remaining -= 1
         try:
-            explanation = self._explain(
+            local: StepExplanation | str = self._explain(
                 step, model, criterion, images, targets, indices, autocast_dtype, loss_scale
             )
         except Exception as error:  # an explanation is a bonus: it never ends the run
+            first_line = str(error).splitlines()[0] if str(error) else ""
+            local = f"{type(error).__name__}: {first_line}"
+        explanation = self._agreed(local)
+        if isinstance(explanation, str):
             self.report.info(
-                f"NaN/Inf origin (batch {step}): not found, the replay failed "
-                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+                f"NaN/Inf origin (batch {step}): not found, the replay failed ({explanation})"
             )
             return None
         if explanation.origin.cause == LOSS_SCALE_OVERFLOW:
@@ -124,7 +127,7 @@ class SkippedStepForensics:
         index_list = indices.tolist()
         for facts, index in zip(label_facts, index_list, strict=True):
             facts["dataset_index"] = index
-        explanation = explain_step(
+        return explain_step(
             model,
             criterion,
             images,
@@ -136,11 +139,14 @@ class SkippedStepForensics:
             max_replays=MAX_BISECT_REPLAYS,
             step=step,
         )
-        if not self.context.distributed:
-            return explanation
-        # Each rank replayed its own shard: keep the first that found where it started.
-        explanations = gather_objects(explanation, self.context)
-        return next((e for e in explanations if e.origin.stage != "none"), explanation)
+
+    def _agreed(self, local: StepExplanation | str) -> StepExplanation | str:
+        """The explanation every rank keeps: each replayed its own shard, and the first that
+        found where the fault started wins (a failed replay is its error's text)."""
+        candidates = gather_objects(local, self.context)
+        explanations = [c for c in candidates if isinstance(c, StepExplanation)]
+        found = [e for e in explanations if e.origin.stage != "none"]
+        return (found or explanations or candidates)[0]
 
     @staticmethod
     def _write(path: Path, explanation: StepExplanation) -> None:
