@@ -82,7 +82,39 @@ def summary(rows: list[dict]) -> str:
             f"step (fused DFL + guard {ours:.1f} ms, eager + clip {baseline:.1f} ms).",
             "",
         ]
+    lines += _forensics_summary(rows, t)
     return "\n".join(lines).rstrip("\n")
+
+
+def _forensics_summary(rows: list[dict], t: dict[tuple[str, int, str], float]) -> list[str]:
+    nan = float("nan")
+    on, off = (
+        t.get(("detector_step_forensics", 64, p), nan) for p in ("forensics_on", "forensics_off")
+    )
+    replays = {r["provider"]: r["y50"] for r in rows if r["kernel"] == "skipped_step_replay"}
+    if not replays and on != on:
+        return []
+    dtype = next(
+        r["dtype"]
+        for r in rows
+        if r["kernel"] in ("detector_step_forensics", "skipped_step_replay")
+    )
+    lines = [
+        f"Forensics of a skipped step (dual-head detector, batch 8, 64 px, {dtype} autocast or full):",
+        "",
+        "| | ms | in steps |",
+        "|---|---|---|",
+        f"| step taken, forensics on | {on:.1f} | {on / off:.3f} |",
+        f"| step taken, forensics off | {off:.1f} | 1 |",
+    ]
+    labels = {
+        "nan_label": "replay of a skipped step: corrupt label (loss origin, batch bisected)",
+        "nan_image": "replay of a skipped step: NaN pixel (input origin)",
+    }
+    for provider, label in labels.items():
+        if provider in replays:
+            lines.append(f"| {label} | {replays[provider]:.1f} | {replays[provider] / off:.1f} |")
+    return [*lines, ""]
 
 
 def plot(rows: list[dict], path: Path) -> None:

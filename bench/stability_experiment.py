@@ -20,7 +20,8 @@ the whole experiment fits in about 15 minutes on 2 shared CPU cores. Each run is
 health report's loader and judged with its checks (settling period shortened to the run).
 
 Writes ``bench/results/stability.csv`` (one row per run), ``stability.md`` (means and
-ranges over seeds per configuration) and ``stability.png``.
+ranges over seeds per configuration, and the trainer's explanation of each run's first
+NaN/Inf step that is not an fp16 loss-scale overflow) and ``stability.png``.
 
     python bench/stability_experiment.py [--seeds 0 1 2] [--workers 2] [--steps 40]
 """
@@ -42,6 +43,7 @@ from pathlib import Path
 from common import RESULTS
 
 from stable_dfl.report import HealthCriteria, judge_run, load_run
+from stable_dfl.report.forensics import explained_steps
 from stable_dfl.report.verdicts import is_healthy
 
 OLD_HYPERPARAMETERS = {
@@ -115,6 +117,8 @@ def summarise(
     last = run.steps[-10:]
     maps = [r["standard/map50"] for r in run.evaluations if r.get("kind") == "epoch"]
     finite_norms = [v for v in run.series("grad_norm") if math.isfinite(v)]
+    # The trainer's explanation of its first skipped step that the loss scale does not explain.
+    real = [e for e in explained_steps(run) if e.verdict != "loss scale"]
     return {
         "config": config,
         "seed": seed,
@@ -131,6 +135,8 @@ def summarise(
         "healthy": is_healthy(checks),
         "failed_checks": " ".join(c.name for c in checks if c.status.value == "FAIL"),
         "seconds": round(seconds, 1),
+        "first_real_nan_step": real[0].steps[0] if real else "",
+        "first_real_nan": f"{real[0].message}; verdict: {real[0].verdict}" if real else "",
     }
 
 
@@ -186,6 +192,20 @@ def write_markdown(
         cells = [_fmt([float(r[key]) for r in group], digits) for key, _, digits in columns]
         lines.append(f"| {config} | {healthy} | " + " | ".join(cells) + " |")
     lines += ["", "Mean over seeds (min-max). Per-run rows: `stability.csv`."]
+    explained = [
+        r for config in order for r in rows if r["config"] == config and r["first_real_nan"]
+    ]
+    if explained:
+        lines += [
+            "",
+            "The first NaN/Inf step of each run that is not an fp16 loss-scale overflow, as the "
+            "trainer's forensics explains it (`forensics/step_<k>.json`):",
+            "",
+        ]
+        lines += [
+            f"- {r['config']}, seed {r['seed']}, step {r['first_real_nan_step']}: {r['first_real_nan']}"
+            for r in explained
+        ]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -18,6 +18,10 @@ renders it).
 
 The shares of the DFL and of the gradient check in each step are those alone-timings over the
 step's.
+
+(c) Forensics: a step that is taken, with forensics on and off (nothing runs for it either
+    way), and the replay of a skipped step's batch (``explain_step`` as the trainer calls it,
+    writing its JSON) for a corrupt label and for a NaN pixel.
 """
 
 from __future__ import annotations
@@ -325,6 +329,92 @@ def test_detector_optimizer_step(benchmark, tmp_path, detector_size, provider, q
             mode="step",
             dtype="fp32",
             x=detector_size,
+        )
+    finally:
+        trainer.close()
+
+
+# ------------------------------------------------------- (c) forensics of a skipped step
+
+
+def _plant_nan_box(targets, image: int):
+    """A corrupt label (a NaN corner) in one image: the loss goes NaN, the step is skipped."""
+    boxes = targets.boxes.clone()
+    boxes[image, 0, 0] = float("nan")
+    return type(targets)(targets.labels, boxes, targets.valid)
+
+
+@pytest.mark.parametrize("provider", ["forensics_on", "forensics_off"])
+def test_detector_step_forensics(benchmark, tmp_path, provider, quick):
+    """A step that is taken, with forensics on (the default) and off: the same work."""
+    batch_size = 2 if quick else BATCH
+    trainer = detector_trainer(tmp_path, 64, "fused_dfl+guard", batch_size)
+    trainer.forensics.remaining = (
+        trainer.config.forensics_steps if provider == "forensics_on" else 0
+    )
+    benchmark.group = f"detector train step, forensics, batch {batch_size}, 64 px"
+    batch = next(iter(trainer.train_loader))
+    try:
+        common.run_timed(
+            benchmark,
+            lambda: trainer._train_step(batch),
+            quick,
+            BUDGET,
+            kernel="detector_step_forensics",
+            provider=provider,
+            mode="train_step",
+            dtype=DTYPE_NAMES[trainer.amp_dtype or torch.float32],
+            x=64,
+        )
+    finally:
+        trainer.close()
+
+
+@pytest.mark.parametrize("fault", ["nan_label", "nan_image"])
+def test_skipped_step_replay(benchmark, tmp_path, fault, quick):
+    """``explain_step`` on the batch of a skipped step, as the trainer calls it: a corrupt
+    label (found in the loss, then the batch bisected) or a NaN pixel (found in the input)."""
+    from stable_dfl.data import DetectionBatch
+    from stable_dfl.models import DetectionTargets
+
+    batch_size = 2 if quick else BATCH
+    trainer = detector_trainer(tmp_path, 64, "fused_dfl+guard", batch_size)
+    benchmark.group = f"skipped-step replay, batch {batch_size}, 64 px"
+    batch: DetectionBatch = next(iter(trainer.train_loader))
+    targets = DetectionTargets(batch.labels, batch.boxes, batch.valid)
+    images = batch.images
+    if fault == "nan_label":
+        targets = _plant_nan_box(targets, batch_size - 1)
+    else:
+        images = images.clone()
+        images[-1, 0, 0, 0] = float("nan")
+
+    def replay():
+        trainer.forensics.remaining = 1
+        trainer.forensics.after_step(
+            step=1,
+            skipped=True,
+            loss_finite=False,
+            model=trainer.model,
+            criterion=trainer.criterion,
+            images=images,
+            targets=targets,
+            indices=batch.indices,
+            autocast_dtype=trainer.amp_dtype,
+            loss_scale=1.0,
+        )
+
+    try:
+        common.run_timed(
+            benchmark,
+            replay,
+            quick,
+            BUDGET,
+            kernel="skipped_step_replay",
+            provider=fault,
+            mode="replay",
+            dtype=DTYPE_NAMES[trainer.amp_dtype or torch.float32],
+            x=64,
         )
     finally:
         trainer.close()
