@@ -20,20 +20,38 @@ floored at ``stable_dfl.DEFAULT_EPS`` (1e-6), so one side's loss is at most
 hopeless predictions (target bin probability below 1e-6); ultralytics' loss there grows
 linearly with the logit gap, without bound, and is Inf once that gap overflows fp32. The cap on
 the reduced loss (``max_loss``) does not apply: ultralytics' ``BboxLoss`` does the reduction.
+
+:func:`explain_step` says why a step of an ultralytics detector went non-finite: it runs
+:func:`stable_dfl.forensics.explain_step` on an ultralytics batch (the loss of
+``model.loss``, parts of the batch by ``batch_idx``, images named by ``im_file``), e.g.
+from a callback when the loss or the gradients are not finite.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Mapping
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import nn
 
 from .. import stable_dfl_loss
+from ..forensics import StepExplanation
+from ..forensics import explain_step as explain_batch
 
-__all__ = ["DFLoss", "patch", "patch_criterion", "unpatch", "unpatch_criterion"]
+__all__ = [
+    "DFLoss",
+    "explain_step",
+    "label_facts",
+    "patch",
+    "patch_criterion",
+    "select_images",
+    "unpatch",
+    "unpatch_criterion",
+]
 
 ULTRALYTICS_LOSS_MODULE = "ultralytics.utils.loss"
 
@@ -164,3 +182,115 @@ def patch_criterion(criterion: object) -> int:
 def unpatch_criterion(criterion: object) -> int:
     """Undo :func:`patch_criterion`: ultralytics' own ``DFLoss`` modules again. Returns the count."""
     return _swap_dfl_losses(criterion, DFLoss, _upstream_dfloss_class())
+
+
+# ------------------------------------------------------------------------- forensics
+
+#: The batch entries that hold one row per box, with ``batch_idx`` naming its image.
+_BOX_ROWS = ("batch_idx", "cls", "bboxes")
+
+
+def select_images(
+    images: torch.Tensor, batch: dict[str, Any], positions: list[int]
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The images at ``positions`` of an ultralytics batch and their boxes, renumbered: the
+    ``select`` of :func:`stable_dfl.forensics.explain_step` for ultralytics batches."""
+    keep = torch.tensor(positions, dtype=torch.long)
+    rows = torch.isin(batch["batch_idx"].long().cpu(), keep)
+    renumber = torch.full((len(images),), -1, dtype=torch.long)
+    renumber[keep] = torch.arange(len(positions))
+    part: dict[str, Any] = {}
+    for key, value in batch.items():
+        if key in _BOX_ROWS and isinstance(value, torch.Tensor):
+            part[key] = value[rows.to(value.device)]
+        elif isinstance(value, torch.Tensor) and value.ndim and len(value) == len(images):
+            part[key] = value[keep.to(value.device)]
+        elif isinstance(value, list | tuple) and len(value) == len(images):
+            part[key] = type(value)(value[i] for i in positions)
+        else:
+            part[key] = value
+    old_index = batch["batch_idx"][rows.to(batch["batch_idx"].device)].long().cpu()
+    part["batch_idx"] = renumber[old_index].to(batch["batch_idx"])
+    part_images = images[keep.to(images.device)]
+    part["img"] = part_images
+    return part_images, part
+
+
+def label_facts(batch: dict[str, Any], num_classes: int) -> list[dict[str, Any]]:
+    """Per image of an ultralytics batch: box count, smallest and largest side (pixels),
+    degenerate boxes (a side not positive), out-of-range ones (a NaN/Inf coordinate, or a
+    box beyond the image) and bad class ids, as :func:`stable_dfl.forensics.detection_label_facts`."""
+    images = batch["img"]
+    height, width = images.shape[-2:]
+    owner = batch["batch_idx"].long().cpu()
+    boxes = batch["bboxes"].detach().double().cpu()  # normalised cx, cy, w, h
+    classes = batch["cls"].detach().reshape(-1).cpu()
+    facts = []
+    for image in range(len(images)):
+        mine = boxes[owner == image]
+        sides = mine[:, 2:4] * torch.tensor([width, height], dtype=torch.float64)
+        finite = torch.isfinite(mine).all(1)
+        low = mine[:, :2] - mine[:, 2:4] / 2
+        high = mine[:, :2] + mine[:, 2:4] / 2
+        inside = (low >= -1e-3).all(1) & (high <= 1 + 1e-3).all(1)
+        kept = sides[finite]
+        ids = classes[owner == image]
+        facts.append(
+            {
+                "boxes": len(mine),
+                "min_side": float(kept.min()) if kept.numel() else math.nan,
+                "max_side": float(kept.max()) if kept.numel() else math.nan,
+                "degenerate_boxes": int((finite & (sides <= 0).any(1)).sum()),
+                "out_of_range_boxes": int((~(finite & inside)).sum()),
+                "bad_class_ids": int(
+                    ((ids < 0) | (ids >= num_classes) | (ids != ids.round())).sum()
+                ),
+            }
+        )
+    return facts
+
+
+def _model_loss(model: nn.Module):
+    def loss_fn(preds: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, items = model.loss(batch, preds)
+        if not isinstance(items, Mapping):  # ultralytics before 8.4: a tensor [box, cls, dfl]
+            items = dict(zip(("box_loss", "cls_loss", "dfl_loss"), items.reshape(-1), strict=False))
+        return loss.sum(), dict(items)
+
+    return loss_fn
+
+
+def explain_step(
+    model: nn.Module,
+    batch: dict[str, Any],
+    *,
+    autocast_dtype: torch.dtype | None = None,
+    loss_scale: float = 1.0,
+    max_replays: int = 8,
+    step: int | None = None,
+) -> StepExplanation:
+    """Why this step of an ultralytics detector went non-finite.
+
+    ``model``: the bare ``DetectionModel`` (``trainer.model``, unwrapped from DDP/EMA), in
+    ``train()`` mode; ``batch``: the step's batch after ``preprocess_batch`` (``img`` float on
+    the model's device). ``autocast_dtype``: ``torch.float16`` under ultralytics' AMP;
+    ``loss_scale``: the GradScaler's scale the step ran with (after a skip,
+    ``scaler.update()`` has halved it: twice ``scaler.get_scale()``). A callback that finds
+    ``trainer.loss`` non-finite calls it with ``de_parallel(trainer.model)`` and
+    ``trainer.batch``, and logs ``explanation.log_lines()``.
+    """
+    images = batch["img"]
+    names = batch.get("im_file")
+    return explain_batch(
+        model,
+        _model_loss(model),
+        images,
+        batch,
+        autocast_dtype=autocast_dtype,
+        loss_scale=loss_scale,
+        image_names=list(names) if names is not None and len(names) == len(images) else None,
+        image_facts=label_facts(batch, int(getattr(model, "nc", 0)) or 1 << 30),
+        select=select_images,
+        max_replays=max_replays,
+        step=step,
+    )

@@ -10,7 +10,7 @@ taken cost nothing.
 
 The explanation is written to ``<save_dir>/forensics/step_<k>.json`` (by rank 0; under
 DDP each rank replays its own shard and the first rank that reproduces the fault is
-kept) and logged in one or two lines; the step's record names the file.
+kept); the step's log lines end with its two or three lines, and its record names the file.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -26,11 +26,18 @@ from torch import nn
 from ..forensics import LOSS_SCALE_OVERFLOW, StepExplanation, detection_label_facts, explain_step
 from ..models import DetectionTargets
 from .distributed import DistContext, gather_objects
-from .reporting import Reporter
 
 FORENSICS_DIR = "forensics"
 #: Bisection passes per explained step: enough to single out one image of a batch of 16.
 MAX_BISECT_REPLAYS = 8
+
+
+class StepForensics(NamedTuple):
+    """What the step's record and log get: the explanation's file (relative to the run
+    folder; None when none was written) and the lines to log after the step's."""
+
+    path: str | None
+    lines: list[str]
 
 
 def explanation_path(step: int) -> str:
@@ -43,7 +50,6 @@ class SkippedStepForensics:
         self,
         max_steps: int,
         save_dir: Path,
-        report: Reporter,
         context: DistContext,
         num_classes: int,
         image_name: Any,
@@ -51,7 +57,6 @@ class SkippedStepForensics:
         """``image_name(index)`` names a training image in the logs (its file)."""
         self.remaining = max_steps
         self.save_dir = save_dir
-        self.report = report
         self.context = context
         self.num_classes = num_classes
         self.image_name = image_name
@@ -71,19 +76,21 @@ class SkippedStepForensics:
         indices: torch.Tensor,
         autocast_dtype: torch.dtype | None,
         loss_scale: float,
-    ) -> str | None:
+    ) -> StepForensics | None:
         """After a step: replays it when it was skipped (and the budget allows); returns the
-        explanation's file (relative to the run folder) for the step's record, or None."""
+        explanation's file and log lines, or None for a step with nothing to say."""
         if not skipped:
             self.calibration_explained_at = None
             return None
         if self.calibration_explained_at is not None and loss_finite:
             first = self.calibration_explained_at
-            self.report.info(
-                f"NaN/Inf origin (batch {step}): fp16 loss-scale calibration, as explained at "
-                f"batch {first}; not replayed"
+            return StepForensics(
+                explanation_path(first),
+                [
+                    f"NaN/Inf origin (batch {step}): fp16 loss-scale calibration, as explained "
+                    f"at batch {first}; not replayed"
+                ],
             )
-            return explanation_path(first)
         if self.remaining == 0:
             return None
         self.remaining -= 1
@@ -96,19 +103,16 @@ class SkippedStepForensics:
             local = f"{type(error).__name__}: {first_line}"
         explanation = self._agreed(local)
         if isinstance(explanation, str):
-            self.report.info(
-                f"NaN/Inf origin (batch {step}): not found, the replay failed ({explanation})"
+            return StepForensics(
+                None,
+                [f"NaN/Inf origin (batch {step}): not found, the replay failed ({explanation})"],
             )
-            return None
         if explanation.origin.cause == LOSS_SCALE_OVERFLOW:
             self.calibration_explained_at = step
         path = explanation_path(step)
         if self.context.is_main:
             self._write(self.save_dir / path, explanation)
-            for line in explanation.log_lines():
-                self.report.info(line)
-            self.report.info(f"  details: {self.save_dir / path}")
-        return path
+        return StepForensics(path, [*explanation.log_lines(), f"  details: {self.save_dir / path}"])
 
     def _explain(
         self,

@@ -225,7 +225,7 @@ def report_step(
     losses: dict[str, float],
     outcome: StepOutcome,
     module_norms: dict[str, float] | None,
-    forensics: str | None,
+    forensics: tuple[str | None, list[str]] | None,
     lr: float,
     scale: float,
     skipped_total: int,
@@ -233,8 +233,9 @@ def report_step(
 ) -> None:
     """One batch: a warning per offender of a skipped step, the batch line every
     ``log_interval`` steps, the debug block when ``module_norms`` were measured, the
-    progress line and the step record, which names ``forensics``, the file of the step's
-    explanation (None: not replayed). ``epoch`` counts from 1, ``batch`` within it."""
+    progress line and the step record. ``forensics``: the file of the step's explanation
+    (relative to the run folder, named by the record) and its log lines, which follow the
+    skip's; None when it was not explained. ``epoch`` counts from 1, ``batch`` within it."""
     if outcome.skipped:
         for name in outcome.offenders[:MAX_NAMED_OFFENDERS]:
             reporter.info(f"⚠️ NaN/Inf gradient in {name}")
@@ -246,6 +247,8 @@ def report_step(
             f"Skipping optimizer step (batch {step}, {skipped_total} skipped so far): "
             f"Grad Norm={outcome.total_norm}"
         )
+    for line in forensics[1] if forensics else []:
+        reporter.info(line)
     if step == 1 or step % config.log_interval == 0:
         reporter.detail(
             f"Batch {step}: dfl_loss={losses['dfl_loss']:.2f}, Grad Norm={outcome.total_norm:.2f}, "
@@ -281,7 +284,7 @@ def report_step(
             skipped_total=skipped_total,
             lr=lr,
             images_per_s=round(images_per_second, 2),
-            forensics=forensics,
+            forensics=forensics[0] if forensics else None,
         )
     )
 

@@ -40,7 +40,7 @@ from .config import TrainConfig
 from .distributed import DistContext, all_reduce_mean, broadcast_from_main
 from .ema import ModelEMA
 from .evaluate import evaluate
-from .forensics import SkippedStepForensics
+from .forensics import SkippedStepForensics, StepForensics
 from .precision import resolve_precision
 from .records import ResumeRecord
 from .reporting import (
@@ -137,7 +137,6 @@ class Trainer:
         self.forensics = SkippedStepForensics(
             config.forensics_steps,
             self.save_dir,
-            self.report,
             context,
             len(self.class_names),
             self.train_loader.dataset.image_name,
@@ -327,10 +326,10 @@ class Trainer:
 
     def _train_step(
         self, batch
-    ) -> tuple[dict[str, float], StepOutcome, dict[str, float] | None, str | None]:
+    ) -> tuple[dict[str, float], StepOutcome, dict[str, float] | None, StepForensics | None]:
         """One batch; returns its losses (averaged over ranks), the step's outcome, the
-        per-module gradient norms (every ``--debug_interval`` steps) and the file of the
-        step's explanation (when it was skipped and replayed)."""
+        per-module gradient norms (every ``--debug_interval`` steps) and the step's
+        explanation (when it was skipped)."""
         images = batch.images.to(self.device, non_blocking=True)
         targets = DetectionTargets(
             batch.labels.to(self.device), batch.boxes.to(self.device), batch.valid.to(self.device)

@@ -85,19 +85,6 @@ def test_importing_the_integrations_imports_no_framework():
 # ------------------------------------------------------------------- ultralytics, installed
 
 
-@pytest.fixture(scope="session")
-def ultralytics_loss(tmp_path_factory):
-    """``ultralytics.utils.loss``, imported offline (YOLO_OFFLINE skips its DNS probe at import)
-    with its settings file in a temporary folder, or a skip saying why."""
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("YOLO_OFFLINE", "1")
-        env.setenv("YOLO_CONFIG_DIR", str(tmp_path_factory.mktemp("ultralytics_config")))
-        try:
-            return importlib.import_module("ultralytics.utils.loss")
-        except ImportError as error:
-            pytest.skip(f"ultralytics is not importable: {error}")
-
-
 @pytest.fixture
 def restores_ultralytics(ultralytics_loss):
     """Leaves ultralytics unpatched whatever the test did."""
