@@ -247,11 +247,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("detector_size", QUICK_DETECTOR_SIZES if quick else DETECTOR_SIZES)
 
 
-@pytest.mark.parametrize("provider", list(DETECTOR_PROVIDERS))
-def test_detector_step(benchmark, tmp_path, detector_size, provider, quick):
-    batch_size = 2 if quick else BATCH
-    trainer = detector_trainer(tmp_path, detector_size, provider, batch_size)
-    benchmark.group = f"detector train step, batch {batch_size}, {detector_size} px"
+def time_train_step(benchmark, trainer: Trainer, size: int, quick: bool, **info) -> None:
+    """Times the trainer's own step on its first batch, then closes the trainer."""
     batch = next(iter(trainer.train_loader))
     try:
         common.run_timed(
@@ -259,14 +256,23 @@ def test_detector_step(benchmark, tmp_path, detector_size, provider, quick):
             lambda: trainer._train_step(batch),
             quick,
             BUDGET,
-            kernel="detector_step",
-            provider=provider,
             mode="train_step",
             dtype=DTYPE_NAMES[trainer.amp_dtype or torch.float32],
-            x=detector_size,
+            x=size,
+            **info,
         )
     finally:
         trainer.close()
+
+
+@pytest.mark.parametrize("provider", list(DETECTOR_PROVIDERS))
+def test_detector_step(benchmark, tmp_path, detector_size, provider, quick):
+    batch_size = 2 if quick else BATCH
+    trainer = detector_trainer(tmp_path, detector_size, provider, batch_size)
+    benchmark.group = f"detector train step, batch {batch_size}, {detector_size} px"
+    time_train_step(
+        benchmark, trainer, detector_size, quick, kernel="detector_step", provider=provider
+    )
 
 
 @pytest.mark.parametrize("provider", ["fused_dfl+guard", "eager_dfl+clip"])
@@ -350,21 +356,9 @@ def test_detector_step_forensics_off(benchmark, tmp_path, quick):
     trainer = detector_trainer(tmp_path, 64, "fused_dfl+guard", batch_size)
     trainer.forensics.remaining = 0
     benchmark.group = f"detector train step, forensics, batch {batch_size}, 64 px"
-    batch = next(iter(trainer.train_loader))
-    try:
-        common.run_timed(
-            benchmark,
-            lambda: trainer._train_step(batch),
-            quick,
-            BUDGET,
-            kernel="detector_step_forensics",
-            provider="forensics_off",
-            mode="train_step",
-            dtype=DTYPE_NAMES[trainer.amp_dtype or torch.float32],
-            x=64,
-        )
-    finally:
-        trainer.close()
+    time_train_step(
+        benchmark, trainer, 64, quick, kernel="detector_step_forensics", provider="forensics_off"
+    )
 
 
 def test_detector_step_forensics_interleaved(benchmark, tmp_path, quick):
@@ -424,18 +418,7 @@ def test_skipped_step_replay(benchmark, tmp_path, fault, quick):
 
     def replay():
         trainer.forensics.remaining = 1
-        trainer.forensics.after_step(
-            step=1,
-            skipped=True,
-            loss_finite=False,
-            model=trainer.model,
-            criterion=trainer.criterion,
-            images=images,
-            targets=targets,
-            indices=batch.indices,
-            autocast_dtype=trainer.amp_dtype,
-            loss_scale=1.0,
-        )
+        trainer.forensics.after_skip(1, False, images, targets, batch.indices, 1.0)
 
     try:
         common.run_timed(

@@ -20,7 +20,7 @@ from .explain import (
     StepExplanation,
     explain_step,
 )
-from .images import detection_label_facts, pixel_facts
+from .images import box_facts, detection_label_facts, pixel_facts
 from .select import select_batch
 from .trace import Magnitude
 
@@ -35,6 +35,7 @@ __all__ = [
     "Magnitude",
     "Origin",
     "StepExplanation",
+    "box_facts",
     "detection_label_facts",
     "explain_step",
     "pixel_facts",

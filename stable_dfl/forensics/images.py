@@ -25,6 +25,23 @@ def pixel_facts(images: torch.Tensor) -> list[dict[str, Any]]:
     return facts
 
 
+def box_facts(
+    sides: torch.Tensor, finite: torch.Tensor, inside: torch.Tensor, bad_class: torch.Tensor
+) -> dict[str, Any]:
+    """The facts of one image's ``n`` boxes: their sides ``[n, 2]`` in pixels, and per box
+    whether its coordinates are finite, whether it lies in the image and whether its class
+    id is bad (``[n]`` bools each)."""
+    finite_sides = sides[finite]
+    return {
+        "boxes": len(sides),
+        "min_side": float(finite_sides.min()) if finite_sides.numel() else math.nan,
+        "max_side": float(finite_sides.max()) if finite_sides.numel() else math.nan,
+        "degenerate_boxes": int((finite & (sides <= 0).any(1)).sum()),
+        "out_of_range_boxes": int((~(finite & inside)).sum()),
+        "bad_class_ids": int(bad_class.sum()),
+    }
+
+
 def detection_label_facts(
     labels: torch.Tensor,
     boxes: torch.Tensor,
@@ -44,24 +61,19 @@ def detection_label_facts(
     for image_labels, image_boxes, image_valid in zip(labels, boxes, valid, strict=True):
         real = image_boxes[image_valid].detach().double()
         classes = image_labels[image_valid]
-        sides = torch.stack((real[:, 2] - real[:, 0], real[:, 3] - real[:, 1]), 1)
-        finite = torch.isfinite(real).all(1)
         inside = (
             (real[:, [0, 2]] >= -1).all(1)
             & (real[:, [0, 2]] <= width + 1).all(1)
             & (real[:, [1, 3]] >= -1).all(1)
             & (real[:, [1, 3]] <= height + 1).all(1)
         )
-        finite_sides = sides[finite]
         facts.append(
-            {
-                "boxes": len(real),
-                "min_side": float(finite_sides.min()) if finite_sides.numel() else math.nan,
-                "max_side": float(finite_sides.max()) if finite_sides.numel() else math.nan,
-                "degenerate_boxes": int((finite & (sides <= 0).any(1)).sum()),
-                "out_of_range_boxes": int((~(finite & inside)).sum()),
-                "bad_class_ids": int(((classes < 0) | (classes >= num_classes)).sum()),
-            }
+            box_facts(
+                torch.stack((real[:, 2] - real[:, 0], real[:, 3] - real[:, 1]), 1),
+                torch.isfinite(real).all(1),
+                inside,
+                (classes < 0) | (classes >= num_classes),
+            )
         )
     return facts
 

@@ -30,7 +30,6 @@ from a callback when the loss or the gradients are not finite.
 from __future__ import annotations
 
 import importlib
-import math
 from collections.abc import Iterator, Mapping
 from types import ModuleType
 from typing import Any
@@ -39,7 +38,7 @@ import torch
 from torch import nn
 
 from .. import stable_dfl_loss
-from ..forensics import StepExplanation
+from ..forensics import StepExplanation, box_facts
 from ..forensics import explain_step as explain_batch
 
 __all__ = [
@@ -228,24 +227,16 @@ def label_facts(batch: dict[str, Any], num_classes: int) -> list[dict[str, Any]]
     facts = []
     for image in range(len(images)):
         mine = boxes[owner == image]
-        sides = mine[:, 2:4] * torch.tensor([width, height], dtype=torch.float64)
-        finite = torch.isfinite(mine).all(1)
         low = mine[:, :2] - mine[:, 2:4] / 2
         high = mine[:, :2] + mine[:, 2:4] / 2
-        inside = (low >= -1e-3).all(1) & (high <= 1 + 1e-3).all(1)
-        kept = sides[finite]
         ids = classes[owner == image]
         facts.append(
-            {
-                "boxes": len(mine),
-                "min_side": float(kept.min()) if kept.numel() else math.nan,
-                "max_side": float(kept.max()) if kept.numel() else math.nan,
-                "degenerate_boxes": int((finite & (sides <= 0).any(1)).sum()),
-                "out_of_range_boxes": int((~(finite & inside)).sum()),
-                "bad_class_ids": int(
-                    ((ids < 0) | (ids >= num_classes) | (ids != ids.round())).sum()
-                ),
-            }
+            box_facts(
+                mine[:, 2:4] * torch.tensor([width, height], dtype=torch.float64),
+                torch.isfinite(mine).all(1),
+                (low >= -1e-3).all(1) & (high <= 1 + 1e-3).all(1),
+                (ids < 0) | (ids >= num_classes) | (ids != ids.round()),
+            )
         )
     return facts
 

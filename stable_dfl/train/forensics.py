@@ -51,37 +51,39 @@ class SkippedStepForensics:
         max_steps: int,
         save_dir: Path,
         context: DistContext,
-        num_classes: int,
+        model: nn.Module,
+        criterion: nn.Module,
+        autocast_dtype: torch.dtype | None,
         image_name: Any,
     ) -> None:
-        """``image_name(index)`` names a training image in the logs (its file)."""
+        """``model``: the bare module; ``criterion``: a
+        :class:`~stable_dfl.models.DetectionLoss`; ``image_name(index)`` names a training
+        image in the logs (its file)."""
         self.remaining = max_steps
         self.save_dir = save_dir
         self.context = context
-        self.num_classes = num_classes
+        self.model = model
+        self.criterion = criterion
+        self.autocast_dtype = autocast_dtype
         self.image_name = image_name
         #: The explained loss-scale overflow that the current run of skips repeats.
         self.calibration_explained_at: int | None = None
 
-    def after_step(
+    def step_taken(self) -> None:
+        """A step was taken: it ends any run of loss-scale calibration skips."""
+        self.calibration_explained_at = None
+
+    def after_skip(
         self,
-        *,
         step: int,
-        skipped: bool,
         loss_finite: bool,
-        model: nn.Module,
-        criterion: nn.Module,
         images: torch.Tensor,
         targets: DetectionTargets,
         indices: torch.Tensor,
-        autocast_dtype: torch.dtype | None,
         loss_scale: float,
     ) -> StepForensics | None:
-        """After a step: replays it when it was skipped (and the budget allows); returns the
-        explanation's file and log lines, or None for a step with nothing to say."""
-        if not skipped:
-            self.calibration_explained_at = None
-            return None
+        """After step ``step`` was skipped (with the loss scale it ran with): replays it when
+        the budget allows; returns the explanation's file and log lines, or None."""
         if self.calibration_explained_at is not None and loss_finite:
             first = self.calibration_explained_at
             return StepForensics(
@@ -95,9 +97,7 @@ class SkippedStepForensics:
             return None
         self.remaining -= 1
         try:
-            local: StepExplanation | str = self._explain(
-                step, model, criterion, images, targets, indices, autocast_dtype, loss_scale
-            )
+            local: StepExplanation | str = self._explain(step, images, targets, indices, loss_scale)
         except Exception as error:  # an explanation is a bonus: it never ends the run
             first_line = str(error).splitlines()[0] if str(error) else ""
             local = f"{type(error).__name__}: {first_line}"
@@ -117,26 +117,27 @@ class SkippedStepForensics:
     def _explain(
         self,
         step: int,
-        model: nn.Module,
-        criterion: nn.Module,
         images: torch.Tensor,
         targets: DetectionTargets,
         indices: torch.Tensor,
-        autocast_dtype: torch.dtype | None,
         loss_scale: float,
     ) -> StepExplanation:
         label_facts = detection_label_facts(
-            targets.labels, targets.boxes, targets.valid, tuple(images.shape[-2:]), self.num_classes
+            targets.labels,
+            targets.boxes,
+            targets.valid,
+            tuple(images.shape[-2:]),
+            self.criterion.num_classes,
         )
         index_list = indices.tolist()
         for facts, index in zip(label_facts, index_list, strict=True):
             facts["dataset_index"] = index
         return explain_step(
-            model,
-            criterion,
+            self.model,
+            self.criterion,
             images,
             targets,
-            autocast_dtype=autocast_dtype,
+            autocast_dtype=self.autocast_dtype,
             loss_scale=loss_scale,
             image_names=[self.image_name(i) for i in index_list],
             image_facts=label_facts,

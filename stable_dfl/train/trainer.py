@@ -138,7 +138,9 @@ class Trainer:
             config.forensics_steps,
             self.save_dir,
             context,
-            len(self.class_names),
+            self.model,
+            self.criterion,
+            self.amp_dtype,
             self.train_loader.dataset.image_name,
         )
 
@@ -367,20 +369,20 @@ class Trainer:
         reduced = dict(zip([*names, "total_loss"], values, strict=True))
         if result.skipped:
             self.skipped_steps += 1
-        # From the state before the step: a skipped step changed no parameter, and the
-        # buffers are back. Nothing runs here for a step that was taken.
-        forensics = self.forensics.after_step(
-            step=self.step,
-            skipped=result.skipped,
-            loss_finite=math.isfinite(reduced["total_loss"]),
-            model=self.model,
-            criterion=self.criterion,
-            images=images,
-            targets=targets,
-            indices=batch.indices,
-            autocast_dtype=self.amp_dtype,
-            loss_scale=scale,
-        )
+        # Replayed from the state before the step: a skipped step changed no parameter, and
+        # the buffers are back. A step that was taken costs one attribute write here.
+        forensics = None
+        if result.skipped:
+            forensics = self.forensics.after_skip(
+                self.step,
+                math.isfinite(reduced["total_loss"]),
+                images,
+                targets,
+                batch.indices,
+                scale,
+            )
+        else:
+            self.forensics.step_taken()
         return reduced, result, module_norms, forensics
 
     # ---------------------------------------------------------------- divergence stop
