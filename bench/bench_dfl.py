@@ -103,7 +103,10 @@ def make_step(provider: str, mode: str, pred, target, weight) -> Callable[[], ob
 def peak_extra_memory_mb(provider: str, n_rows: int, dtype_name: str) -> float:
     """Peak RSS growth of one fwd+bwd after the inputs exist, measured in a fresh process
     (Linux: the high-water mark is reset through /proc/self/clear_refs just before the step;
-    importing torch alone peaks higher than the step, which would hide it)."""
+    importing torch alone peaks higher than the step, which would hide it). The provider
+    first runs once on a small input, as a training loop has by its second step: the first
+    call of an op faults in its code pages (about 5 MB for the compiled DFL), which is not
+    memory of the step."""
     code = (
         "import sys, torch\n"
         "sys.path.insert(0, sys.argv[1])\n"
@@ -111,6 +114,7 @@ def peak_extra_memory_mb(provider: str, n_rows: int, dtype_name: str) -> float:
         "def status_kb(field):\n"
         "    with open('/proc/self/status') as f:\n"
         "        return next(int(l.split()[1]) for l in f if l.startswith(field))\n"
+        "b.make_step(sys.argv[2], 'forward_backward', *b.make_inputs(4096, b.DTYPES[sys.argv[4]]))()\n"
         "pred, target, weight = b.make_inputs(int(sys.argv[3]), b.DTYPES[sys.argv[4]])\n"
         "step = b.make_step(sys.argv[2], 'forward_backward', pred, target, weight)\n"
         "before = status_kb('VmRSS')\n"

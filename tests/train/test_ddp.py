@@ -70,3 +70,12 @@ def test_two_process_ddp_run(tmp_path):
     steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in steps if r["kind"] == "step"] == [False, True, False, False]
     assert (tmp_path / "last.pt").exists()
+    # Each rank replayed its own shard of the skipped step; rank 1's, where the NaN was made,
+    # is the explanation rank 0 wrote.
+    explanation = json.loads((tmp_path / f"forensics/step_{NAN_STEP}.json").read_text())
+    origin = explanation["origin"]
+    assert origin["stage"] == "backward" and origin["gradient_kind"] == "parameter"
+    assert origin["where"].startswith("standard_head.box_branch.") and origin["where"].endswith(
+        ".weight"
+    )
+    assert f"NaN/Inf origin (batch {NAN_STEP}): gradient of {origin['where']}" in log
