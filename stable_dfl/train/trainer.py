@@ -349,7 +349,6 @@ class Trainer:
             output = self.ddp_model(images)
         loss, components = self.criterion(output, targets)
         self.optimizer.zero_grad(set_to_none=True)
-        scale = loss_scale(self.scaler)  # the scale this step runs with
         self.scaler.scale(loss).backward()
         module_norms = (
             module_grad_norms(self.model, loss_scale(self.scaler))
@@ -379,11 +378,18 @@ class Trainer:
                 images,
                 targets,
                 batch.indices,
-                scale,
+                self._scale_of_skipped_step(),
             )
         else:
             self.forensics.step_taken()
         return reduced, result, module_norms, forensics
+
+    def _scale_of_skipped_step(self) -> float:
+        """The loss scale a skipped step ran with: ``update()`` backed it off since (read
+        after the step, so that no step waits on the device for it before its backward)."""
+        if not self.scaler.is_enabled():
+            return 1.0
+        return loss_scale(self.scaler) / self.scaler.get_backoff_factor()
 
     # ---------------------------------------------------------------- divergence stop
 
