@@ -214,7 +214,9 @@ class Trainer:
             fitness = results["standard/map"]
             is_best = fitness > self.best_fitness
             self.best_fitness = max(fitness, self.best_fitness)
-            self._save(is_best)
+            # The record before the checkpoint: a run killed between the two repeats the
+            # epoch from the previous checkpoint and writes the record again, whereas a
+            # checkpoint written first would leave its epoch without a record for good.
             report_epoch(
                 self.report,
                 config,
@@ -225,6 +227,7 @@ class Trainer:
                 skipped_total=self.skipped_steps,
                 seconds=time.perf_counter() - started,
             )
+            self._save(is_best)
         return results
 
     def _validate(self) -> dict[str, float]:
