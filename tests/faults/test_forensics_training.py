@@ -71,16 +71,17 @@ def test_a_nan_image_is_explained_in_the_file_the_record_and_the_log(tmp_path, a
     )
 
 
-def test_the_run_is_bit_identical_with_and_without_forensics(tmp_path):
+@pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
+def test_the_run_is_bit_identical_with_and_without_forensics(tmp_path, amp):
     finals, steps = [], []
     for forensics_steps in (0, 3):
         save_dir = tmp_path / f"forensics_{forensics_steps}"
-        trainer = Trainer(
-            tiny_config(save_dir, forensics_steps=forensics_steps, **{**RUN, "epochs": 2}), CPU
-        )
+        options = {**RUN, "epochs": 2, "amp": amp, "forensics_steps": forensics_steps}
+        config = tiny_config(save_dir, **options)
+        trainer = Trainer(config, CPU)
         _plant_nan_pixels(trainer, {2, 9})
         trainer.fit()
-        finals.append(training_state(trainer))
+        finals.append({**training_state(trainer), "scaler": trainer.scaler.state_dict()})
         steps.append(
             [
                 {
@@ -91,12 +92,14 @@ def test_the_run_is_bit_identical_with_and_without_forensics(tmp_path):
                 for r in records(save_dir, "step")
             ]
         )
-        assert len(list((save_dir / "forensics").glob("*.json")) if forensics_steps else []) == (
-            3 if forensics_steps else 0
-        )
     assert_bit_identical(finals[0], finals[1])
     assert json.dumps(steps[0]) == json.dumps(steps[1])
-    assert sum(r["skipped"] for r in steps[0]) == 4  # two images, two epochs
+    # Two NaN images, two epochs: 4 skips, the first 3 explained (fp16 also skips while its
+    # scale comes down, at steps that depend on the CPU's rounding).
+    skips = sum(r["skipped"] for r in steps[0])
+    assert skips == 4 or (amp == "fp16" and skips > 4)
+    assert not (tmp_path / "forensics_0" / "forensics").exists()
+    assert len(list((tmp_path / "forensics_3" / "forensics").glob("*.json"))) == 3
 
 
 def test_at_most_forensics_steps_are_replayed(tmp_path):
