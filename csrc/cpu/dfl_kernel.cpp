@@ -57,12 +57,14 @@ namespace {
 // Rows are processed in blocks of one SIMD vector's width, transposed so that
 // each lane holds one row: the max, exp, sum and the per-row scalar math of
 // dfl_row.h all run vertically, with no horizontal reductions.
-template <typename scalar_t, typename acc_t>
+// kBins > 0 fixes the bin count at compile time (the common 16), so that the loops over bins
+// unroll and their accumulators stay in registers; kBins == 0 takes it at run time.
+template <typename scalar_t, typename acc_t, int kBins>
 struct BlockKernel {
   using Vec = at::vec::Vectorized<acc_t>;
   static constexpr int kLanes = Vec::size();
 
-  const int n_bins;
+  const int dynamic_bins;
   const Vec log_eps;
   const Vec upper_limit;
   // cols[j * kLanes + i]: bin j of the block's row i (logits, then exp, then gradient).
@@ -71,8 +73,8 @@ struct BlockKernel {
   // Row-major [kLanes, n_bins] staging tile for fp16/bf16 rows widened to acc_t.
   alignas(64) acc_t tile[kMaxBins * kLanes];
 
-  BlockKernel(int n_bins_, acc_t log_eps_)
-      : n_bins(n_bins_), log_eps(log_eps_), upper_limit(target_upper_limit<acc_t>(n_bins_)) {}
+  BlockKernel(int n_bins, acc_t log_eps_)
+      : dynamic_bins(n_bins), log_eps(log_eps_), upper_limit(target_upper_limit<acc_t>(n_bins)) {}
 
   // Loads up to kLanes values, zero-filling the lanes past `count`.
   Vec load_lanes(const acc_t* values, int count) {
@@ -84,6 +86,7 @@ struct BlockKernel {
   // to loss_out[i] and, when grad is not null, the rows' gradients.
   void operator()(const scalar_t* logits, const acc_t* target, const acc_t* weight, int count,
                   acc_t* loss_out, scalar_t* grad) {
+    const int n_bins = kBins > 0 ? kBins : dynamic_bins;
     // The block's rows are contiguous: widen them in one vectorised pass, then
     // transpose the tile with SIMD shuffles.
     const acc_t* rows = nullptr;
@@ -104,14 +107,26 @@ struct BlockKernel {
     const TwoHot<Vec> th = two_hot(t, zero, one, upper_limit);
     const Vec right = th.left + one;
 
-    Vec row_max = Vec::loadu(cols);
-    for (int j = 1; j < n_bins; ++j)
-      row_max = at::vec::maximum(row_max, Vec::loadu(cols + j * kLanes));
+    // Four independent max chains and two sum chains: one chain per row would make the
+    // loop wait on the latency of every max and add in turn.
+    const Vec first = Vec::loadu(cols);
+    Vec max_chain[4] = {first, first, first, first};
+    int j = 1;
+    for (; j + 4 <= n_bins; j += 4) {
+      for (int k = 0; k < 4; ++k)
+        max_chain[k] = at::vec::maximum(max_chain[k], Vec::loadu(cols + (j + k) * kLanes));
+    }
+    for (; j < n_bins; ++j)
+      max_chain[0] = at::vec::maximum(max_chain[0], Vec::loadu(cols + j * kLanes));
+    const Vec row_max = at::vec::maximum(at::vec::maximum(max_chain[0], max_chain[1]),
+                                         at::vec::maximum(max_chain[2], max_chain[3]));
 
-    Vec sum_exp = zero;
+    Vec sum_even = zero;
+    Vec sum_odd = zero;
+    Vec poison = zero;
     Vec x_left = zero;
     Vec x_right = zero;
-    for (int j = 0; j < n_bins; ++j) {
+    for (j = 0; j < n_bins; ++j) {
       const Vec x = Vec::loadu(cols + j * kLanes);
       const Vec bin(static_cast<acc_t>(j));
       x_left = Vec::blendv(x_left, x, bin == th.left);
@@ -120,8 +135,14 @@ struct BlockKernel {
       // NaN/Inf rows are caught by the poison term, not by exp.
       const Vec e = (x - row_max).exp_u20();
       e.store(cols + j * kLanes);
-      sum_exp = sum_exp + e + (x - x);
+      if (j % 2 == 0) {
+        sum_even = sum_even + e;
+      } else {
+        sum_odd = sum_odd + e;
+      }
+      poison = poison + (x - x);
     }
+    const Vec sum_exp = (sum_even + sum_odd) + poison;
     const RowResult<Vec> r =
         finish_row(th, x_left - row_max, x_right - row_max, sum_exp, w, t, log_eps);
     r.loss.store(lanes);
@@ -180,10 +201,10 @@ bool all_finite(const scalar_t* values, int64_t count) {
   return found == 0;
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int kBins>
 struct RowsTyped {
   using acc_t = at::opmath_type<scalar_t>;
-  using Kernel = BlockKernel<scalar_t, acc_t>;
+  using Kernel = BlockKernel<scalar_t, acc_t, kBins>;
   static constexpr int kLanes = Kernel::kLanes;
 
   const int n_bins;
@@ -195,7 +216,7 @@ struct RowsTyped {
   Kernel kernel;
 
   explicit RowsTyped(const DflForwardArgs& args)
-      : n_bins(args.n_bins),
+      : n_bins(kBins > 0 ? kBins : args.n_bins),
         pred(static_cast<const scalar_t*>(args.pred)),
         target(static_cast<const acc_t*>(args.target)),
         weight(static_cast<const acc_t*>(args.weight)),
@@ -291,10 +312,18 @@ struct RowsTyped {
   }
 };
 
+template <typename scalar_t, int kBins>
+double forward_rows_binned(const DflForwardArgs& args, int64_t begin, int64_t end) {
+  RowsTyped<scalar_t, kBins> rows(args);
+  return rows.weight != nullptr ? rows.weighted_rows(begin, end) : rows.all_rows(begin, end);
+}
+
+// 16 bins (reg_max 16, YOLOv8 onwards) gets its own instantiation; any other count the
+// generic one.
 template <typename scalar_t>
 double forward_rows_typed(const DflForwardArgs& args, int64_t begin, int64_t end) {
-  RowsTyped<scalar_t> rows(args);
-  return rows.weight != nullptr ? rows.weighted_rows(begin, end) : rows.all_rows(begin, end);
+  return args.n_bins == 16 ? forward_rows_binned<scalar_t, 16>(args, begin, end)
+                           : forward_rows_binned<scalar_t, 0>(args, begin, end);
 }
 
 }  // namespace
