@@ -139,8 +139,8 @@ struct BlockKernel {
     const TwoHot<Vec> th = two_hot(t, zero, one, upper_limit);
     const Vec right = th.left + one;
 
-    // Four independent max chains and two sum chains: one chain per row would make the
-    // loop wait on the latency of every max and add in turn.
+    // Four independent max chains and two sum chains over the bins: with a single chain each
+    // max and add would wait on the latency of the one before it.
     const Vec first = Vec::loadu(cols);
     Vec max_chain[4] = {first, first, first, first};
     int j = 1;
