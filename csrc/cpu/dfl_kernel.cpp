@@ -52,6 +52,23 @@ inline SimdVec<T> keep_if_gt(const SimdVec<T>& a, const SimdVec<T>& b, const Sim
   return value & (a > b);
 }
 
+// max(a, b) for the row max, one instruction where the ISA has it: unlike
+// at::vec::maximum it need not carry a NaN, since a NaN or infinite logit makes its
+// row NaN through the poison term anyway.
+template <typename T>
+inline SimdVec<T> max_of_finite(const SimdVec<T>& a, const SimdVec<T>& b) {
+  return at::vec::maximum(a, b);
+}
+#if defined(CPU_CAPABILITY_AVX512)
+inline SimdVec<float> max_of_finite(const SimdVec<float>& a, const SimdVec<float>& b) {
+  return _mm512_max_ps(a, b);
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+inline SimdVec<float> max_of_finite(const SimdVec<float>& a, const SimdVec<float>& b) {
+  return _mm256_max_ps(a, b);
+}
+#endif
+
 // e^x for x <= 0 (a logit minus its row max): ATen's exp_u20, whose polynomial is ~1e-6
 // relative error and exact at 0. On AVX-512 the same polynomial with the 2^n factor applied
 // by one masked vscalefps: half the instructions of the integer exponent arithmetic, in the
@@ -63,13 +80,13 @@ inline SimdVec<T> exp_nonpositive(const SimdVec<T>& x) {
 }
 #if defined(CPU_CAPABILITY_AVX512)
 inline SimdVec<float> exp_nonpositive(const SimdVec<float>& x) {
-  // The clamp keeps n in range; a NaN x becomes -104 here (maxps returns its second
-  // operand), and such rows are made NaN by the poison term.
-  const __m512 v = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+  // No clamp of x is needed: every lane whose n is below -126 (x below about -87, -inf and
+  // NaN included) is zeroed by the mask, whatever the polynomial made of it; a NaN x comes
+  // only from a non-finite row, which the poison term makes NaN.
   const __m512 n =
-      _mm512_roundscale_ps(_mm512_fmadd_ps(v, _mm512_set1_ps(1.44269504f), _mm512_set1_ps(0.5f)),
+      _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504f), _mm512_set1_ps(0.5f)),
                            _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147182f), v);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147182f), x);
   __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(0.00828929059f), _mm512_set1_ps(0.0418978221f));
   p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.166676521f));
   p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.499991506f));
@@ -86,6 +103,27 @@ inline SimdVec<float> exp_nonpositive(const SimdVec<float>& x) {
 namespace stable_dfl::cpu {
 namespace {
 
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i < m, j < n. ATen's transpose of a run-time
+// size is SIMD on AVX-512 only; on AVX2 fp32 tiles of whole 8 x 8 blocks (a full block of 16
+// bins) take its fixed-size 8 x 8 SIMD transpose instead of the scalar loop.
+template <typename T>
+inline void transpose_tile(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int m, int n) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    if (m % 8 == 0 && n % 8 == 0) {
+      for (int i = 0; i < m; i += 8) {
+        for (int j = 0; j < n; j += 8) {
+          at::vec::transpose_mxn<float, 8, 8>(src + i * ld_src + j, ld_src, dst + j * ld_dst + i,
+                                              ld_dst);
+        }
+      }
+      return;
+    }
+  }
+#endif
+  at::vec::transpose_mxn<T>(src, ld_src, dst, ld_dst, m, n);
+}
+
 // Rows are processed in blocks of one SIMD vector's width, transposed so that
 // each lane holds one row: the max, exp, sum and the per-row scalar math of
 // dfl_row.h all run vertically, with no horizontal reductions.
@@ -94,7 +132,10 @@ namespace {
 template <typename scalar_t, typename acc_t, int kBins>
 struct BlockKernel {
   using Vec = at::vec::Vectorized<acc_t>;
+  using Index = at::vec::int_same_size_t<acc_t>;
+  using IndexVec = at::vec::Vectorized<Index>;
   static constexpr int kLanes = Vec::size();
+  static_assert(IndexVec::size() == kLanes, "one gather index per lane");
 
   const int dynamic_bins;
   const Vec log_eps;
@@ -105,8 +146,21 @@ struct BlockKernel {
   // Row-major [kLanes, n_bins] staging tile for fp16/bf16 rows widened to acc_t.
   alignas(64) acc_t tile[kMaxBins * kLanes];
 
+  // Element offset of each lane's row in a block of kLanes rows.
+  const IndexVec full_row_starts;
+
   BlockKernel(int n_bins, acc_t log_eps_)
-      : dynamic_bins(n_bins), log_eps(log_eps_), upper_limit(target_upper_limit<acc_t>(n_bins)) {}
+      : dynamic_bins(n_bins),
+        log_eps(log_eps_),
+        upper_limit(target_upper_limit<acc_t>(n_bins)),
+        full_row_starts(partial_row_starts(kLanes, n_bins)) {}
+
+  // Row offsets of a block of `count` rows; lanes past `count` point at the first row.
+  static IndexVec partial_row_starts(int count, int n_bins) {
+    alignas(64) Index starts[kLanes];
+    for (int i = 0; i < kLanes; ++i) starts[i] = i < count ? static_cast<Index>(i * n_bins) : 0;
+    return IndexVec::loadu(starts);
+  }
 
   // Loads up to kLanes values, zero-filling the lanes past `count`.
   Vec load_lanes(const acc_t* values, int count) {
@@ -128,7 +182,7 @@ struct BlockKernel {
       at::vec::convert(logits, tile, static_cast<int64_t>(count) * n_bins);
       rows = tile;
     }
-    at::vec::transpose_mxn<acc_t>(rows, n_bins, cols, kLanes, count, n_bins);
+    transpose_tile<acc_t>(rows, n_bins, cols, kLanes, count, n_bins);
     for (int i = count; i < kLanes; ++i) {
       for (int j = 0; j < n_bins; ++j) cols[j * kLanes + i] = acc_t(0);
     }
@@ -146,32 +200,40 @@ struct BlockKernel {
     int j = 1;
     for (; j + 4 <= n_bins; j += 4) {
       for (int k = 0; k < 4; ++k)
-        max_chain[k] = at::vec::maximum(max_chain[k], Vec::loadu(cols + (j + k) * kLanes));
+        max_chain[k] = max_of_finite(max_chain[k], Vec::loadu(cols + (j + k) * kLanes));
     }
     for (; j < n_bins; ++j)
-      max_chain[0] = at::vec::maximum(max_chain[0], Vec::loadu(cols + j * kLanes));
-    const Vec row_max = at::vec::maximum(at::vec::maximum(max_chain[0], max_chain[1]),
-                                         at::vec::maximum(max_chain[2], max_chain[3]));
+      max_chain[0] = max_of_finite(max_chain[0], Vec::loadu(cols + j * kLanes));
+    const Vec row_max = max_of_finite(max_of_finite(max_chain[0], max_chain[1]),
+                                      max_of_finite(max_chain[2], max_chain[3]));
 
+    // The two target bins' logits, gathered from the row-major rows (lanes past `count` read
+    // the block's first row).
+    // The clamp keeps the index in range for a NaN target (whose row the poison term makes NaN).
+    const IndexVec bin_left = at::vec::minimum(
+        at::vec::maximum(at::vec::convert_to_int_of_same_size(th.left), IndexVec(0)),
+        IndexVec(static_cast<Index>(n_bins - 2)));
+    const IndexVec row_start =
+        count == kLanes ? full_row_starts : partial_row_starts(count, n_bins);
+    const Vec x_left = at::vec::gather<sizeof(acc_t)>(rows, row_start + bin_left);
+    const Vec x_right = at::vec::gather<sizeof(acc_t)>(rows, row_start + bin_left + IndexVec(1));
+
+    // The exps are kept for the gradient only.
+    const bool keep_exp = grad != nullptr;
     Vec sum_even = zero;
     Vec sum_odd = zero;
     Vec poison = zero;
-    Vec x_left = zero;
-    Vec x_right = zero;
     for (j = 0; j < n_bins; ++j) {
       const Vec x = Vec::loadu(cols + j * kLanes);
-      const Vec bin(static_cast<acc_t>(j));
-      x_left = Vec::blendv(x_left, x, bin == th.left);
-      x_right = Vec::blendv(x_right, x, bin == right);
       // Exact at 0, so sum_exp >= 1; NaN/Inf rows are caught by the poison term, not by exp.
       const Vec e = exp_nonpositive(x - row_max);
-      e.store(cols + j * kLanes);
+      if (keep_exp) e.store(cols + j * kLanes);
       if (j % 2 == 0) {
         sum_even = sum_even + e;
       } else {
         sum_odd = sum_odd + e;
       }
-      poison = poison + (x - x);
+      poison = at::vec::fmadd(x, zero, poison);  // x * 0 is NaN for a NaN or infinite x
     }
     const Vec sum_exp = (sum_even + sum_odd) + poison;
     const RowResult<Vec> r =
@@ -188,9 +250,9 @@ struct BlockKernel {
       g.store(cols + j * kLanes);
     }
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      at::vec::transpose_mxn<acc_t>(cols, kLanes, grad, n_bins, n_bins, count);
+      transpose_tile<acc_t>(cols, kLanes, grad, n_bins, n_bins, count);
     } else {
-      at::vec::transpose_mxn<acc_t>(cols, kLanes, tile, n_bins, n_bins, count);
+      transpose_tile<acc_t>(cols, kLanes, tile, n_bins, n_bins, count);
       at::vec::convert(tile, grad, static_cast<int64_t>(count) * n_bins);
     }
   }
