@@ -69,6 +69,21 @@ inline SimdVec<float> max_of_finite(const SimdVec<float>& a, const SimdVec<float
 }
 #endif
 
+// a - b where lane == target, a elsewhere: the target bins' terms of the gradient. On AVX-512
+// one compare into a mask register and one masked subtraction, instead of materialising the
+// compare as a vector to AND with.
+template <typename T>
+inline SimdVec<T> minus_where_equal(const SimdVec<T>& a, const SimdVec<T>& lane,
+                                    const SimdVec<T>& target, const SimdVec<T>& b) {
+  return a - (b & (lane == target));
+}
+#if defined(CPU_CAPABILITY_AVX512)
+inline SimdVec<float> minus_where_equal(const SimdVec<float>& a, const SimdVec<float>& lane,
+                                        const SimdVec<float>& target, const SimdVec<float>& b) {
+  return _mm512_mask_sub_ps(a, _mm512_cmp_ps_mask(lane, target, _CMP_EQ_OQ), a, b);
+}
+#endif
+
 // e^x for x <= 0 (a logit minus its row max): ATen's exp_u20, whose polynomial is ~1e-6
 // relative error and exact at 0. On AVX-512 the same polynomial with the 2^n factor applied
 // by one masked vscalefps: half the instructions of the integer exponent arithmetic, in the
@@ -245,8 +260,8 @@ struct BlockKernel {
     for (int j = 0; j < n_bins; ++j) {
       const Vec bin(static_cast<acc_t>(j));
       const Vec e = Vec::loadu(cols + j * kLanes);
-      const Vec g =
-          e * r.grad_scale - (r.grad_left & (bin == th.left)) - (r.grad_right & (bin == right));
+      const Vec g = minus_where_equal(
+          minus_where_equal(e * r.grad_scale, bin, th.left, r.grad_left), bin, right, r.grad_right);
       g.store(cols + j * kLanes);
     }
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
