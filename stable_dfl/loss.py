@@ -44,10 +44,10 @@ def _rows(pred: torch.Tensor, target: torch.Tensor, n_bins: int) -> torch.Tensor
     )
 
 
-def _per_element(
+def _broadcast(
     name: str, value: torch.Tensor, target: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
-    """``value`` broadcast to ``target``'s shape and flattened, as ``dtype``."""
+    """``value`` checked and broadcast to ``target``'s shape (a view, nothing copied)."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(value).__name__}")
     if name != "mask" and (value.dtype == torch.bool or value.is_complex()):
@@ -69,7 +69,35 @@ def _per_element(
                 f"{name} holds finite values beyond the range of {dtype}, the dtype the loss "
                 "is computed in for these logits"
             )
-    return expanded.reshape(-1).to(dtype)
+    return expanded
+
+
+def _row_weights(
+    weight: torch.Tensor | None, mask: torch.Tensor | None, target: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor | None, torch.Tensor | int]:
+    """The flat weight of each row (``weight * mask``, broadcast to ``target``) and the number
+    of rows a 'mean' divides by. The per-row tensor is written once, by one elementwise op."""
+    count: torch.Tensor | int = max(target.numel(), 1)
+    weights = None if weight is None else _broadcast("weight", weight, target, dtype)
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(
+                f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}"
+            )
+        mask_rows = _broadcast("mask", mask, target, dtype)
+        # A masked-out row's weight is its weight times 0: 0, or NaN for a NaN/Inf weight, to be
+        # reported. torch.where writes it in one pass, several times faster than a bool * float
+        # product of broadcast operands.
+        if weights is None:
+            weights = torch.where(mask_rows, 1.0, 0.0)
+        else:
+            weights = torch.where(mask_rows, weights, weight * 0)
+        # Broadcasting repeats every mask element target.numel() / mask.numel() times.
+        repeats = target.numel() // mask.numel() if mask.numel() else 0
+        count = (mask.sum() * repeats).clamp(min=1)
+    if weights is None:
+        return None, count
+    return weights.to(dtype).contiguous().reshape(-1), count
 
 
 def _narrows(source: torch.dtype, dtype: torch.dtype) -> bool:
@@ -208,16 +236,7 @@ def _stable_dfl_loss(
     rows = _rows(pred, target, n_bins)
     dtype = compute_dtype(pred.dtype)
     flat_target = _flat_target(target, n_bins, dtype)
-    flat_weight = None if weight is None else _per_element("weight", weight, target, dtype)
-    count: torch.Tensor | int = max(flat_target.numel(), 1)
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise TypeError(
-                f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}"
-            )
-        flat_mask = _per_element("mask", mask, target, dtype)
-        flat_weight = flat_mask if flat_weight is None else flat_weight * flat_mask
-        count = flat_mask.sum().clamp(min=1)
+    flat_weight, count = _row_weights(weight, mask, target, dtype)
 
     chosen = resolve_backend(backend, pred.device)
     reduced = reduction != "none"

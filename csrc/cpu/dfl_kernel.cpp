@@ -335,7 +335,10 @@ struct RowsTyped {
   using Kernel = BlockKernel<scalar_t, acc_t, kBins>;
   static constexpr int kLanes = Kernel::kLanes;
 
+  // The row length: kBins where it is fixed, so that row copies compile to a few moves.
   const int n_bins;
+  static constexpr size_t kFixedRowBytes = kBins > 0 ? sizeof(scalar_t) * kBins : 0;
+  size_t row_bytes() const { return kBins > 0 ? kFixedRowBytes : sizeof(scalar_t) * n_bins; }
   const scalar_t* pred;
   const acc_t* target;
   const acc_t* weight;
@@ -400,8 +403,7 @@ struct RowsTyped {
                grad != nullptr ? grad + first * n_bins : nullptr);
       } else {
         for (int k = 0; k < count; ++k) {
-          std::memcpy(gathered_pred + k * n_bins, pred + rows[k] * n_bins,
-                      sizeof(scalar_t) * n_bins);
+          std::memcpy(gathered_pred + k * n_bins, pred + rows[k] * n_bins, row_bytes());
           gathered_target[k] = target[rows[k]];
           gathered_weight[k] = weight[rows[k]];
         }
@@ -409,8 +411,7 @@ struct RowsTyped {
                grad != nullptr ? gathered_grad : nullptr);
         if (grad != nullptr) {
           for (int k = 0; k < count; ++k) {
-            std::memcpy(grad + rows[k] * n_bins, gathered_grad + k * n_bins,
-                        sizeof(scalar_t) * n_bins);
+            std::memcpy(grad + rows[k] * n_bins, gathered_grad + k * n_bins, row_bytes());
           }
         }
       }

@@ -61,6 +61,23 @@ def test_mask_equals_boolean_indexing(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_mask_with_a_weight_per_anchor_equals_indexing_and_reports_bad_masked_out_weights(backend):
+    pred, target = box_case()
+    weight = torch.rand(50, 1) + 0.5
+    fg = torch.rand(50) > 0.6
+    indexed = stable_dfl_loss(pred[fg], target[fg], weight[fg], backend=backend)
+    masked = stable_dfl_loss(pred, target, weight, mask=fg[:, None], backend=backend)
+    torch.testing.assert_close(masked, indexed)
+    # A NaN or infinite weight is reported (NaN loss) even where its anchor is masked out.
+    first_background = int((~fg).nonzero()[0])
+    for bad in (float("nan"), float("inf")):
+        broken = weight.clone()
+        broken[first_background] = bad
+        loss = stable_dfl_loss(pred, target, broken, mask=fg[:, None], backend=backend)
+        assert loss.isnan(), f"weight {bad} of a masked-out anchor gave {loss.item()}"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_max_loss_caps_a_hopeless_prediction_and_stops_its_gradient(backend):
     n_bins = 16
     pred = torch.full((8, n_bins), -30.0)
