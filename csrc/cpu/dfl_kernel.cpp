@@ -393,8 +393,11 @@ struct RowsTyped {
     int64_t i = begin;
     while (true) {
       int count = 0;
+      // Branch-free: every index is written and kept where the weight is not 0 (NaN weights
+      // too: they poison their row); a branch would mispredict at every foreground edge.
       for (; i < end && count < kLanes; ++i) {
-        if (weight[i] != acc_t(0)) rows[count++] = i;  // NaN weights too: they poison their row
+        rows[count] = i;
+        count += weight[i] != acc_t(0) ? 1 : 0;
       }
       if (count == 0) break;
       const int64_t first = rows[0];
