@@ -10,7 +10,8 @@
 - :func:`record_case`, :func:`run_timed`: what a case of ``bench/test_*.py`` records and how it
   is timed (pytest-benchmark rounds within a :class:`RoundBudget`);
 - :func:`run_benchmark_suite`, :func:`suite_main`: one of ``bench/test_*.py`` under
-  pytest-benchmark, to a JSON, and the command line of the script that runs and renders it;
+  pytest-benchmark, to a JSON, and the command line of the script that runs and renders it
+  (with an Inductor cache per forced CPU level: :func:`inductor_cache_per_level`);
 - :func:`rows_from_benchmark_json`: those rows from a pytest-benchmark JSON whose cases put
   their fields in ``extra_info`` (``bench/test_*.py``);
 - :func:`write_csv`, :func:`write_results`: a run's rows to ``<stem>.csv`` (appended),
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -207,7 +209,18 @@ def run_benchmark_suite(
         *(["--bench-quick"] if quick else []),
         *(["-k", select] if select else []),
     ]
-    subprocess.run(command, check=True)
+    subprocess.run(command, check=True, env=inductor_cache_per_level(dict(os.environ)))
+
+
+def inductor_cache_per_level(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with an Inductor cache of the forced CPU level's own
+    (``build/inductor-cache/<level>``, as ``scripts/run_tests.sh`` uses): code that
+    torch.compile cached under another ``ATEN_CPU_CAPABILITY`` can be reused under this one
+    and compute wrong values."""
+    level = env.get("ATEN_CPU_CAPABILITY")
+    if level:
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(BENCH.parent / "build" / "inductor-cache" / level)
+    return env
 
 
 def suite_main(
