@@ -94,41 +94,43 @@ template <typename T>
 inline SimdVec<T> exp_nonpositive(const SimdVec<T>& x) {
   return x.exp_u20();
 }
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// exp_u20's range reduction and polynomial: x = n ln 2 + r, p ~ e^r, so that e^x = p 2^n.
+struct ExpReduced {
+  SimdVec<float> n;
+  SimdVec<float> p;
+};
+inline ExpReduced exp_reduce(const SimdVec<float>& x) {
+  using Vec = SimdVec<float>;
+  const Vec n = at::vec::fmadd(x, Vec(1.44269504f), Vec(0.5f)).floor();
+  const Vec r = at::vec::fmadd(n, Vec(-0.693147182f), x);
+  Vec p = at::vec::fmadd(r, Vec(0.00828929059f), Vec(0.0418978221f));
+  p = at::vec::fmadd(r, p, Vec(0.166676521f));
+  p = at::vec::fmadd(r, p, Vec(0.499991506f));
+  p = at::vec::fmadd(r, p, Vec(0.999999701f));
+  p = at::vec::fmadd(r, p, Vec(1.0f));
+  return {n, p};
+}
+#endif
 #if defined(CPU_CAPABILITY_AVX512)
 inline SimdVec<float> exp_nonpositive(const SimdVec<float>& x) {
   // No clamp of x is needed: every lane whose n is below -126 (x below about -87, -inf and
   // NaN included) is zeroed by the mask, whatever the polynomial made of it; a NaN x comes
   // only from a non-finite row, which the poison term makes NaN.
-  const __m512 n =
-      _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504f), _mm512_set1_ps(0.5f)),
-                           _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147182f), x);
-  __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(0.00828929059f), _mm512_set1_ps(0.0418978221f));
-  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.166676521f));
-  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.499991506f));
-  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.999999701f));
-  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.0f));
-  const __mmask16 normal = _mm512_cmp_ps_mask(n, _mm512_set1_ps(-126.0f), _CMP_GT_OQ);
-  return _mm512_maskz_scalef_ps(normal, p, n);
+  const ExpReduced e = exp_reduce(x);
+  const __mmask16 normal = _mm512_cmp_ps_mask(e.n, _mm512_set1_ps(-126.0f), _CMP_GT_OQ);
+  return _mm512_maskz_scalef_ps(normal, e.p, e.n);
 }
 #elif defined(CPU_CAPABILITY_AVX2)
 inline SimdVec<float> exp_nonpositive(const SimdVec<float>& x) {
-  // The same polynomial and the same zero below the normal range, with 2^n built in the
-  // exponent bits (exact, as scalef is): about 14 instructions to exp_u20's 20, which also
-  // clamps and handles positive x. Lanes of n <= -126 (x below about -87, -inf, NaN) are
-  // zeroed by the mask, whatever the integer arithmetic made of them.
-  const __m256 n =
-      _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504f), _mm256_set1_ps(0.5f)));
-  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693147182f), x);
-  __m256 p = _mm256_fmadd_ps(r, _mm256_set1_ps(0.00828929059f), _mm256_set1_ps(0.0418978221f));
-  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(0.166676521f));
-  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(0.499991506f));
-  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(0.999999701f));
-  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(1.0f));
+  // 2^n built in the exponent bits (exact, as scalef is): about 14 instructions to exp_u20's
+  // 20, which also clamps and handles positive x. Lanes of n <= -126 (x below about -87,
+  // -inf, NaN) are zeroed by the mask, whatever the integer arithmetic made of them.
+  const ExpReduced e = exp_reduce(x);
   const __m256i exponent =
-      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  const __m256 normal = _mm256_cmp_ps(n, _mm256_set1_ps(-126.0f), _CMP_GT_OQ);
-  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(exponent)), normal);
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(e.n), _mm256_set1_epi32(127)), 23);
+  const __m256 normal = _mm256_cmp_ps(e.n, _mm256_set1_ps(-126.0f), _CMP_GT_OQ);
+  return _mm256_and_ps(_mm256_mul_ps(e.p, _mm256_castsi256_ps(exponent)), normal);
 }
 #endif
 }  // namespace stable_dfl
@@ -243,8 +245,8 @@ struct BlockKernel {
                                       max_of_finite(max_chain[2], max_chain[3]));
 
     // The two target bins' logits, gathered from the row-major rows (lanes past `count` read
-    // the block's first row).
-    // The clamp keeps the index in range for a NaN target (whose row the poison term makes NaN).
+    // the block's first row); the clamp keeps the index in range for a NaN target, whose row
+    // the poison term makes NaN.
     const IndexVec bin_left = at::vec::minimum(
         at::vec::maximum(at::vec::convert_to_int_of_same_size(th.left), IndexVec(0)),
         IndexVec(static_cast<Index>(n_bins - 2)));
@@ -335,10 +337,9 @@ struct RowsTyped {
   using Kernel = BlockKernel<scalar_t, acc_t, kBins>;
   static constexpr int kLanes = Kernel::kLanes;
 
-  // The row length: kBins where it is fixed, so that row copies compile to a few moves.
   const int n_bins;
-  static constexpr size_t kFixedRowBytes = kBins > 0 ? sizeof(scalar_t) * kBins : 0;
-  size_t row_bytes() const { return kBins > 0 ? kFixedRowBytes : sizeof(scalar_t) * n_bins; }
+  // A row's size, a constant where kBins fixes it (row copies then compile to a few moves).
+  size_t row_bytes() const { return sizeof(scalar_t) * (kBins > 0 ? kBins : n_bins); }
   const scalar_t* pred;
   const acc_t* target;
   const acc_t* weight;
