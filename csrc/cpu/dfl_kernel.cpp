@@ -13,7 +13,7 @@
 #include <limits>
 #include <type_traits>
 
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2) || defined(__SSE2__)
 #include <immintrin.h>
 #endif
 
@@ -67,6 +67,18 @@ inline SimdVec<float> max_of_finite(const SimdVec<float>& a, const SimdVec<float
 inline SimdVec<float> max_of_finite(const SimdVec<float>& a, const SimdVec<float>& b) {
   return _mm256_max_ps(a, b);
 }
+#else
+// A lane loop the compiler turns into the ISA's max (ATen's generic maximum tests every lane
+// for NaN, which it compiles to scalar code).
+inline SimdVec<float> max_of_finite(const SimdVec<float>& a, const SimdVec<float>& b) {
+  constexpr int kLanes = SimdVec<float>::size();
+  alignas(64) float x[kLanes];
+  alignas(64) float y[kLanes];
+  a.store(x);
+  b.store(y);
+  for (int i = 0; i < kLanes; ++i) x[i] = x[i] > y[i] ? x[i] : y[i];
+  return SimdVec<float>::loadu(x);
+}
 #endif
 
 // a - b where lane == target, a elsewhere: the target bins' terms of the gradient. On AVX-512
@@ -84,53 +96,114 @@ inline SimdVec<float> minus_where_equal(const SimdVec<float>& a, const SimdVec<f
 }
 #endif
 
-// e^x for x <= 0 (a logit minus its row max): ATen's exp_u20, whose polynomial is ~1e-6
-// relative error and exact at 0. On AVX-512 the same polynomial with the 2^n factor applied
-// by one masked vscalefps (half the instructions of the integer exponent arithmetic, in the
-// kernel's hottest loop); on AVX2 with 2^n built in the exponent bits. Like exp_u20 it gives 0
-// where 2^n would leave the normal range, so no subnormal reaches the gradient math (which some
-// CPUs run a hundred times slower).
+// e^x for x <= 0 (a logit minus its row max), as e^x = p 2^n with x = n ln 2 + r,
+// |r| <= ln 2 / 2, and p ~ e^r by exp_u20's polynomial (~1e-6 relative error, exact at 0).
+// n is rounded by adding the shifter 1.5 * 2^23 + 127, whose float has an ulp of 1: the
+// sum's low mantissa bits are then n + 127, the biased exponent of 2^n, and shifting them
+// into the exponent field builds 2^n exactly with no float-to-int conversion. Every level
+// gives 0 where 2^n would leave the normal range (x below about -87, -inf and NaN included),
+// so no subnormal reaches the gradient math (which some CPUs run a hundred times slower);
+// a NaN x comes only from a non-finite row, which the poison term makes NaN.
+constexpr float kExpShifter = 12583039.0f;  // 1.5 * 2^23 + 127
+constexpr float kLog2e = 1.44269504f;
+constexpr float kExpPoly[6] = {0.00828929059f, 0.0418978221f, 0.166676521f,
+                               0.499991506f,   0.999999701f,  1.0f};
+
 template <typename T>
 inline SimdVec<T> exp_nonpositive(const SimdVec<T>& x) {
   return x.exp_u20();
 }
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-// exp_u20's range reduction and polynomial: x = n ln 2 + r, p ~ e^r, so that e^x = p 2^n.
 struct ExpReduced {
+  SimdVec<float> shifted;  // n + kExpShifter
   SimdVec<float> n;
   SimdVec<float> p;
 };
+// With FMA the reduction r = x - n ln 2 is one rounding away from exact: one constant for ln 2.
 inline ExpReduced exp_reduce(const SimdVec<float>& x) {
   using Vec = SimdVec<float>;
-  const Vec n = at::vec::fmadd(x, Vec(1.44269504f), Vec(0.5f)).floor();
+  const Vec shifted = at::vec::fmadd(x, Vec(kLog2e), Vec(kExpShifter));
+  const Vec n = shifted - Vec(kExpShifter);
   const Vec r = at::vec::fmadd(n, Vec(-0.693147182f), x);
-  Vec p = at::vec::fmadd(r, Vec(0.00828929059f), Vec(0.0418978221f));
-  p = at::vec::fmadd(r, p, Vec(0.166676521f));
-  p = at::vec::fmadd(r, p, Vec(0.499991506f));
-  p = at::vec::fmadd(r, p, Vec(0.999999701f));
-  p = at::vec::fmadd(r, p, Vec(1.0f));
-  return {n, p};
+  Vec p = at::vec::fmadd(r, Vec(kExpPoly[0]), Vec(kExpPoly[1]));
+  for (int k = 2; k < 6; ++k) p = at::vec::fmadd(r, p, Vec(kExpPoly[k]));
+  return {shifted, n, p};
 }
 #endif
 #if defined(CPU_CAPABILITY_AVX512)
+// 2^n applied by one masked vscalefps.
 inline SimdVec<float> exp_nonpositive(const SimdVec<float>& x) {
-  // No clamp of x is needed: every lane whose n is below -126 (x below about -87, -inf and
-  // NaN included) is zeroed by the mask, whatever the polynomial made of it; a NaN x comes
-  // only from a non-finite row, which the poison term makes NaN.
   const ExpReduced e = exp_reduce(x);
   const __mmask16 normal = _mm512_cmp_ps_mask(e.n, _mm512_set1_ps(-126.0f), _CMP_GT_OQ);
   return _mm512_maskz_scalef_ps(normal, e.p, e.n);
 }
 #elif defined(CPU_CAPABILITY_AVX2)
 inline SimdVec<float> exp_nonpositive(const SimdVec<float>& x) {
-  // 2^n built in the exponent bits (exact, as scalef is): about 14 instructions to exp_u20's
-  // 20, which also clamps and handles positive x. Lanes of n <= -126 (x below about -87,
-  // -inf, NaN) are zeroed by the mask, whatever the integer arithmetic made of them.
   const ExpReduced e = exp_reduce(x);
-  const __m256i exponent =
-      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(e.n), _mm256_set1_epi32(127)), 23);
+  const __m256 two_to_n =
+      _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(e.shifted), 23));
   const __m256 normal = _mm256_cmp_ps(e.n, _mm256_set1_ps(-126.0f), _CMP_GT_OQ);
-  return _mm256_and_ps(_mm256_mul_ps(e.p, _mm256_castsi256_ps(exponent)), normal);
+  return _mm256_and_ps(_mm256_mul_ps(e.p, two_to_n), normal);
+}
+#else
+// Below AVX2 (no FMA, and ATen's generic vector computes exp by std::exp lane by lane): the same
+// arithmetic as a lane loop the compiler vectorises, with ln 2 split in two (Cody-Waite): the
+// product by its high part is exact, so the reduction loses no accuracy without FMA.
+inline SimdVec<float> exp_nonpositive(const SimdVec<float>& x) {
+  constexpr int kLanes = SimdVec<float>::size();
+  alignas(64) float in[kLanes];
+  alignas(64) float out[kLanes];
+  x.store(in);
+  for (int i = 0; i < kLanes; ++i) {
+    const float shifted = in[i] * kLog2e + kExpShifter;
+    const float n = shifted - kExpShifter;
+    const float r = (in[i] - n * 0.693145751953125f) - n * 1.42860682e-6f;
+    float p = r * kExpPoly[0] + kExpPoly[1];
+    for (int k = 2; k < 6; ++k) p = r * p + kExpPoly[k];
+    uint32_t bits;
+    std::memcpy(&bits, &shifted, sizeof(bits));
+    bits <<= 23;
+    float two_to_n;
+    std::memcpy(&two_to_n, &bits, sizeof(bits));
+    // The zeroing as a bit mask rather than a ?: of the product, which the compiler would not
+    // vectorise (it may not evaluate the product of a lane it then discards).
+    const float value = p * two_to_n;
+    uint32_t value_bits;
+    std::memcpy(&value_bits, &value, sizeof(value_bits));
+    value_bits &= n > -126.0f ? 0xffffffffu : 0u;
+    std::memcpy(&out[i], &value_bits, sizeof(value_bits));
+  }
+  return SimdVec<float>::loadu(out);
+}
+
+// log x as a lane loop too (ATen's generic log calls logf lane by lane), for the one log a row
+// takes: of its sum of exps, a normal number >= 1 or NaN. Cephes' logf: x = m 2^e with m in
+// [sqrt(1/2), sqrt(2)), log(1 + f) by a degree-9 polynomial in f = m - 1; under 1 ulp on [1, 128].
+inline SimdVec<float> math_log(const SimdVec<float>& x) {
+  constexpr int kLanes = SimdVec<float>::size();
+  constexpr float kLogPoly[9] = {7.0376836292e-2f,  -1.1514610310e-1f, 1.1676998740e-1f,
+                                 -1.2420140846e-1f, 1.4249322787e-1f,  -1.6668057665e-1f,
+                                 2.0000714765e-1f,  -2.4999993993e-1f, 3.3333331174e-1f};
+  alignas(64) float in[kLanes];
+  alignas(64) float out[kLanes];
+  x.store(in);
+  for (int i = 0; i < kLanes; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, &in[i], sizeof(bits));
+    const uint32_t mantissa_bits = (bits & 0x007fffffu) | 0x3f000000u;  // m in [0.5, 1)
+    float m;
+    std::memcpy(&m, &mantissa_bits, sizeof(m));
+    // Integer and multiply selections rather than ?:, which the compiler would not vectorise.
+    const int32_t below_sqrt_half = m < 0.707106781f;
+    const float e = static_cast<float>(static_cast<int32_t>(bits >> 23) - 126 - below_sqrt_half);
+    const float f = (m - 1.0f) + m * static_cast<float>(below_sqrt_half);
+    const float z = f * f;
+    float y = kLogPoly[0];
+    for (int k = 1; k < 9; ++k) y = y * f + kLogPoly[k];
+    y = y * f * z + e * -2.12194440e-4f - 0.5f * z;
+    out[i] = (f + y + e * 0.693359375f) + (in[i] - in[i]);  // + (x - x): NaN stays NaN
+  }
+  return SimdVec<float>::loadu(out);
 }
 #endif
 }  // namespace stable_dfl
@@ -141,8 +214,9 @@ namespace stable_dfl::cpu {
 namespace {
 
 // dst[j * ld_dst + i] = src[i * ld_src + j] for i < m, j < n. ATen's transpose of a run-time
-// size is SIMD on AVX-512 only; on AVX2 fp32 tiles of whole 8 x 8 blocks (a full block of 16
-// bins) take its fixed-size 8 x 8 SIMD transpose instead of the scalar loop.
+// size is SIMD on AVX-512 only; fp32 tiles of whole SIMD blocks (a full block of 16 bins) take
+// ATen's fixed-size 8 x 8 SIMD transpose on AVX2 and SSE's 4 x 4 one below it (SSE2 is part of
+// x86-64) instead of the scalar loop.
 template <typename T>
 inline void transpose_tile(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int m, int n) {
 #if defined(CPU_CAPABILITY_AVX2)
@@ -152,6 +226,25 @@ inline void transpose_tile(const T* src, int64_t ld_src, T* dst, int64_t ld_dst,
         for (int j = 0; j < n; j += 8) {
           at::vec::transpose_mxn<float, 8, 8>(src + i * ld_src + j, ld_src, dst + j * ld_dst + i,
                                               ld_dst);
+        }
+      }
+      return;
+    }
+  }
+#elif !defined(CPU_CAPABILITY_AVX512) && defined(__SSE2__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (m % 4 == 0 && n % 4 == 0) {
+      for (int i = 0; i < m; i += 4) {
+        for (int j = 0; j < n; j += 4) {
+          __m128 r0 = _mm_loadu_ps(src + (i + 0) * ld_src + j);
+          __m128 r1 = _mm_loadu_ps(src + (i + 1) * ld_src + j);
+          __m128 r2 = _mm_loadu_ps(src + (i + 2) * ld_src + j);
+          __m128 r3 = _mm_loadu_ps(src + (i + 3) * ld_src + j);
+          _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+          _mm_storeu_ps(dst + (j + 0) * ld_dst + i, r0);
+          _mm_storeu_ps(dst + (j + 1) * ld_dst + i, r1);
+          _mm_storeu_ps(dst + (j + 2) * ld_dst + i, r2);
+          _mm_storeu_ps(dst + (j + 3) * ld_dst + i, r3);
         }
       }
       return;
@@ -199,8 +292,10 @@ struct BlockKernel {
     return IndexVec::loadu(starts);
   }
 
-  // Loads up to kLanes values, zero-filling the lanes past `count`.
+  // Loads up to kLanes values, zero-filling the lanes past `count`. A full block loads them
+  // directly: a vector load of lanes just written one by one would wait for the stores.
   Vec load_lanes(const acc_t* values, int count) {
+    if (count == kLanes) return Vec::loadu(values);
     for (int i = 0; i < kLanes; ++i) lanes[i] = i < count ? values[i] : acc_t(0);
     return Vec::loadu(lanes);
   }
@@ -275,8 +370,7 @@ struct BlockKernel {
     const Vec sum_exp = (sum_even + sum_odd) + poison;
     const RowResult<Vec> r =
         finish_row(th, x_left - row_max, x_right - row_max, sum_exp, w, t, log_eps);
-    r.loss.store(lanes);
-    for (int i = 0; i < count; ++i) loss_out[i] = lanes[i];
+    r.loss.store(loss_out, count);
     if (grad == nullptr) return;
 
     for (int j = 0; j < n_bins; ++j) {
