@@ -20,7 +20,8 @@
 #include "kernels.h"
 
 namespace stable_dfl {
-// SIMD overloads of the math helpers, declared before dfl_row.h's templates use them.
+// SIMD overloads of the math helpers, declared before dfl_row.h's templates use them: ATen's
+// vector operations for any type, then the float overloads each level replaces them with.
 template <typename T>
 using SimdVec = at::vec::Vectorized<T>;
 template <typename T>
@@ -52,67 +53,37 @@ inline SimdVec<T> keep_if_gt(const SimdVec<T>& a, const SimdVec<T>& b, const Sim
   return value & (a > b);
 }
 
-// max(a, b) for the row max, one instruction where the ISA has it: unlike
-// at::vec::maximum it need not carry a NaN, since a NaN or infinite logit makes its
-// row NaN through the poison term anyway.
+// max(a, b) for the row max: unlike at::vec::maximum it need not carry a NaN, since a NaN or
+// infinite logit makes its row NaN through the poison term anyway.
 template <typename T>
 inline SimdVec<T> max_of_finite(const SimdVec<T>& a, const SimdVec<T>& b) {
   return at::vec::maximum(a, b);
 }
-#if defined(CPU_CAPABILITY_AVX512)
-inline SimdVec<float> max_of_finite(const SimdVec<float>& a, const SimdVec<float>& b) {
-  return _mm512_max_ps(a, b);
-}
-#elif defined(CPU_CAPABILITY_AVX2)
-inline SimdVec<float> max_of_finite(const SimdVec<float>& a, const SimdVec<float>& b) {
-  return _mm256_max_ps(a, b);
-}
-#else
-// A lane loop the compiler turns into the ISA's max (ATen's generic maximum tests every lane
-// for NaN, which it compiles to scalar code).
-inline SimdVec<float> max_of_finite(const SimdVec<float>& a, const SimdVec<float>& b) {
-  constexpr int kLanes = SimdVec<float>::size();
-  alignas(64) float x[kLanes];
-  alignas(64) float y[kLanes];
-  a.store(x);
-  b.store(y);
-  for (int i = 0; i < kLanes; ++i) x[i] = x[i] > y[i] ? x[i] : y[i];
-  return SimdVec<float>::loadu(x);
-}
-#endif
 
-// a - b where lane == target, a elsewhere: the target bins' terms of the gradient. On AVX-512
-// one compare into a mask register and one masked subtraction, instead of materialising the
-// compare as a vector to AND with.
+// a - b where lane == target, a elsewhere: the target bins' terms of the gradient.
 template <typename T>
 inline SimdVec<T> minus_where_equal(const SimdVec<T>& a, const SimdVec<T>& lane,
                                     const SimdVec<T>& target, const SimdVec<T>& b) {
   return a - (b & (lane == target));
 }
-#if defined(CPU_CAPABILITY_AVX512)
-inline SimdVec<float> minus_where_equal(const SimdVec<float>& a, const SimdVec<float>& lane,
-                                        const SimdVec<float>& target, const SimdVec<float>& b) {
-  return _mm512_mask_sub_ps(a, _mm512_cmp_ps_mask(lane, target, _CMP_EQ_OQ), a, b);
-}
-#endif
 
-// e^x for x <= 0 (a logit minus its row max), as e^x = p 2^n with x = n ln 2 + r,
-// |r| <= ln 2 / 2, and p ~ e^r by exp_u20's polynomial (~1e-6 relative error, exact at 0).
-// n is rounded by adding the shifter 1.5 * 2^23 + 127, whose float has an ulp of 1: the
-// sum's low mantissa bits are then n + 127, the biased exponent of 2^n, and shifting them
-// into the exponent field builds 2^n exactly with no float-to-int conversion. Every level
+// e^x for x <= 0 (a logit minus its row max). The float overloads compute e^x = p 2^n with
+// x = n ln 2 + r, |r| <= ln 2 / 2, and p ~ e^r by exp_u20's polynomial (~1e-6 relative error,
+// exact at 0). n is rounded by adding the shifter 1.5 * 2^23 + 127, whose float has an ulp of
+// 1: the sum's low mantissa bits are then n + 127, the biased exponent of 2^n, and shifting
+// them into the exponent field builds 2^n exactly with no float-to-int conversion. Every level
 // gives 0 where 2^n would leave the normal range (x below about -87, -inf and NaN included),
 // so no subnormal reaches the gradient math (which some CPUs run a hundred times slower);
 // a NaN x comes only from a non-finite row, which the poison term makes NaN.
+template <typename T>
+inline SimdVec<T> exp_nonpositive(const SimdVec<T>& x) {
+  return x.exp_u20();
+}
 constexpr float kExpShifter = 12583039.0f;  // 1.5 * 2^23 + 127
 constexpr float kLog2e = 1.44269504f;
 constexpr float kExpPoly[6] = {0.00828929059f, 0.0418978221f, 0.166676521f,
                                0.499991506f,   0.999999701f,  1.0f};
 
-template <typename T>
-inline SimdVec<T> exp_nonpositive(const SimdVec<T>& x) {
-  return x.exp_u20();
-}
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 struct ExpReduced {
   SimdVec<float> shifted;  // n + kExpShifter
@@ -130,14 +101,28 @@ inline ExpReduced exp_reduce(const SimdVec<float>& x) {
   return {shifted, n, p};
 }
 #endif
+
 #if defined(CPU_CAPABILITY_AVX512)
+inline SimdVec<float> max_of_finite(const SimdVec<float>& a, const SimdVec<float>& b) {
+  return _mm512_max_ps(a, b);
+}
+// One compare into a mask register and one masked subtraction, instead of materialising the
+// compare as a vector to AND with.
+inline SimdVec<float> minus_where_equal(const SimdVec<float>& a, const SimdVec<float>& lane,
+                                        const SimdVec<float>& target, const SimdVec<float>& b) {
+  return _mm512_mask_sub_ps(a, _mm512_cmp_ps_mask(lane, target, _CMP_EQ_OQ), a, b);
+}
 // 2^n applied by one masked vscalefps.
 inline SimdVec<float> exp_nonpositive(const SimdVec<float>& x) {
   const ExpReduced e = exp_reduce(x);
   const __mmask16 normal = _mm512_cmp_ps_mask(e.n, _mm512_set1_ps(-126.0f), _CMP_GT_OQ);
   return _mm512_maskz_scalef_ps(normal, e.p, e.n);
 }
+
 #elif defined(CPU_CAPABILITY_AVX2)
+inline SimdVec<float> max_of_finite(const SimdVec<float>& a, const SimdVec<float>& b) {
+  return _mm256_max_ps(a, b);
+}
 inline SimdVec<float> exp_nonpositive(const SimdVec<float>& x) {
   const ExpReduced e = exp_reduce(x);
   const __m256 two_to_n =
@@ -145,10 +130,49 @@ inline SimdVec<float> exp_nonpositive(const SimdVec<float>& x) {
   const __m256 normal = _mm256_cmp_ps(e.n, _mm256_set1_ps(-126.0f), _CMP_GT_OQ);
   return _mm256_and_ps(_mm256_mul_ps(e.p, two_to_n), normal);
 }
+
 #else
-// Below AVX2 (no FMA, and ATen's generic vector computes exp by std::exp lane by lane): the same
-// arithmetic as a lane loop the compiler vectorises, with ln 2 split in two (Cody-Waite): the
-// product by its high part is exact, so the reduction loses no accuracy without FMA.
+// Below AVX2 ATen's generic vector compiles its max and == to scalar code (a NaN test, a memset
+// per lane) and its exp and log call libm lane by lane: the float helpers are lane loops the
+// compiler vectorises instead, for whatever SIMD the target has (SSE2 on x86-64).
+
+// value where keep, else 0, as a bit mask: the compiler would not vectorise a ?: of floats (it
+// may not evaluate or compare floats speculatively).
+inline float lane_where(bool keep, float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  bits &= keep ? 0xffffffffu : 0u;
+  std::memcpy(&value, &bits, sizeof(bits));
+  return value;
+}
+
+inline SimdVec<float> max_of_finite(const SimdVec<float>& a, const SimdVec<float>& b) {
+  constexpr int kLanes = SimdVec<float>::size();
+  alignas(64) float x[kLanes];
+  alignas(64) float y[kLanes];
+  a.store(x);
+  b.store(y);
+  for (int i = 0; i < kLanes; ++i) x[i] = x[i] > y[i] ? x[i] : y[i];
+  return SimdVec<float>::loadu(x);
+}
+
+inline SimdVec<float> minus_where_equal(const SimdVec<float>& a, const SimdVec<float>& lane,
+                                        const SimdVec<float>& target, const SimdVec<float>& b) {
+  constexpr int kLanes = SimdVec<float>::size();
+  alignas(64) float out[kLanes];
+  alignas(64) float lanes[kLanes];
+  alignas(64) float targets[kLanes];
+  alignas(64) float subtrahends[kLanes];
+  a.store(out);
+  lane.store(lanes);
+  target.store(targets);
+  b.store(subtrahends);
+  for (int i = 0; i < kLanes; ++i) out[i] -= lane_where(lanes[i] == targets[i], subtrahends[i]);
+  return SimdVec<float>::loadu(out);
+}
+
+// Without FMA, ln 2 is split in two (Cody-Waite): the product by its high part is exact, so
+// the reduction loses no accuracy.
 inline SimdVec<float> exp_nonpositive(const SimdVec<float>& x) {
   constexpr int kLanes = SimdVec<float>::size();
   alignas(64) float in[kLanes];
@@ -165,20 +189,14 @@ inline SimdVec<float> exp_nonpositive(const SimdVec<float>& x) {
     bits <<= 23;
     float two_to_n;
     std::memcpy(&two_to_n, &bits, sizeof(bits));
-    // The zeroing as a bit mask rather than a ?: of the product, which the compiler would not
-    // vectorise (it may not evaluate the product of a lane it then discards).
-    const float value = p * two_to_n;
-    uint32_t value_bits;
-    std::memcpy(&value_bits, &value, sizeof(value_bits));
-    value_bits &= n > -126.0f ? 0xffffffffu : 0u;
-    std::memcpy(&out[i], &value_bits, sizeof(value_bits));
+    out[i] = lane_where(n > -126.0f, p * two_to_n);
   }
   return SimdVec<float>::loadu(out);
 }
 
-// log x as a lane loop too (ATen's generic log calls logf lane by lane), for the one log a row
-// takes: of its sum of exps, a normal number >= 1 or NaN. Cephes' logf: x = m 2^e with m in
-// [sqrt(1/2), sqrt(2)), log(1 + f) by a degree-9 polynomial in f = m - 1; under 1 ulp on [1, 128].
+// For the one log a row takes, of its sum of exps: a normal number >= 1, or NaN. Cephes' logf:
+// x = m 2^e with m in [sqrt(1/2), sqrt(2)), log(1 + f) by a degree-9 polynomial in f = m - 1;
+// under 1 ulp on [1, 128].
 inline SimdVec<float> math_log(const SimdVec<float>& x) {
   constexpr int kLanes = SimdVec<float>::size();
   constexpr float kLogPoly[9] = {7.0376836292e-2f,  -1.1514610310e-1f, 1.1676998740e-1f,
@@ -193,7 +211,7 @@ inline SimdVec<float> math_log(const SimdVec<float>& x) {
     const uint32_t mantissa_bits = (bits & 0x007fffffu) | 0x3f000000u;  // m in [0.5, 1)
     float m;
     std::memcpy(&m, &mantissa_bits, sizeof(m));
-    // Integer and multiply selections rather than ?:, which the compiler would not vectorise.
+    // Integer and multiply selections rather than ?:, as in lane_where.
     const int32_t below_sqrt_half = m < 0.707106781f;
     const float e = static_cast<float>(static_cast<int32_t>(bits >> 23) - 126 - below_sqrt_half);
     const float f = (m - 1.0f) + m * static_cast<float>(below_sqrt_half);
