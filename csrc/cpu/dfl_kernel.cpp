@@ -12,6 +12,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2) || defined(__SSE2__)
 #include <immintrin.h>
@@ -69,9 +70,11 @@ inline SimdVec<T> minus_where_equal(const SimdVec<T>& a, const SimdVec<T>& lane,
 
 // e^x for x <= 0 (a logit minus its row max). The float overloads compute e^x = p 2^n with
 // x = n ln 2 + r, |r| <= ln 2 / 2, and p ~ e^r by exp_u20's polynomial (~1e-6 relative error,
-// exact at 0). n is rounded by adding the shifter 1.5 * 2^23 + 127, whose float has an ulp of
-// 1: the sum's low mantissa bits are then n + 127, the biased exponent of 2^n, and shifting
-// them into the exponent field builds 2^n exactly with no float-to-int conversion. Every level
+// exact at 0). n is rounded by adding the shifter 1.5 * 2^23, whose float has an ulp of 1: the
+// sum's low mantissa bits are then n (two's complement), and shifted into the exponent field
+// and added to p's bits as integers they scale p by 2^n exactly, with no float-to-int
+// conversion and no multiply (p is in [0.7, 1.42], so p 2^n stays normal for n >= -125). Every
+// level
 // gives 0 where 2^n would leave the normal range (x below about -87, -inf and NaN included),
 // so no subnormal reaches the gradient math (which some CPUs run a hundred times slower);
 // a NaN x comes only from a non-finite row, which the poison term makes NaN.
@@ -79,16 +82,22 @@ template <typename T>
 inline SimdVec<T> exp_nonpositive(const SimdVec<T>& x) {
   return x.exp_u20();
 }
-constexpr float kExpShifter = 12583039.0f;  // 1.5 * 2^23 + 127
+constexpr float kExpShifter = 12582912.0f;  // 1.5 * 2^23
 constexpr float kLog2e = 1.44269504f;
 constexpr float kExpPoly[6] = {0.00828929059f, 0.0418978221f, 0.166676521f,
                                0.499991506f,   0.999999701f,  1.0f};
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// Raw registers rather than Vectorized members, which the compiler kept storing to the stack.
+#if defined(CPU_CAPABILITY_AVX512)
+using FloatRegister = __m512;
+#else
+using FloatRegister = __m256;
+#endif
 struct ExpReduced {
-  SimdVec<float> shifted;  // n + kExpShifter
-  SimdVec<float> n;
-  SimdVec<float> p;
+  FloatRegister shifted;  // n + kExpShifter, whose low bits hold n
+  FloatRegister n;
+  FloatRegister p;
 };
 // With FMA the reduction r = x - n ln 2 is one rounding away from exact: one constant for ln 2.
 inline ExpReduced exp_reduce(const SimdVec<float>& x) {
@@ -125,10 +134,11 @@ inline SimdVec<float> max_of_finite(const SimdVec<float>& a, const SimdVec<float
 }
 inline SimdVec<float> exp_nonpositive(const SimdVec<float>& x) {
   const ExpReduced e = exp_reduce(x);
-  const __m256 two_to_n =
-      _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(e.shifted), 23));
+  const __m256i n_in_exponent = _mm256_slli_epi32(_mm256_castps_si256(e.shifted), 23);
+  const __m256 scaled =
+      _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(e.p), n_in_exponent));
   const __m256 normal = _mm256_cmp_ps(e.n, _mm256_set1_ps(-126.0f), _CMP_GT_OQ);
-  return _mm256_and_ps(_mm256_mul_ps(e.p, two_to_n), normal);
+  return _mm256_and_ps(scaled, normal);
 }
 
 #else
@@ -184,12 +194,14 @@ inline SimdVec<float> exp_nonpositive(const SimdVec<float>& x) {
     const float r = (in[i] - n * 0.693145751953125f) - n * 1.42860682e-6f;
     float p = r * kExpPoly[0] + kExpPoly[1];
     for (int k = 2; k < 6; ++k) p = r * p + kExpPoly[k];
-    uint32_t bits;
-    std::memcpy(&bits, &shifted, sizeof(bits));
-    bits <<= 23;
-    float two_to_n;
-    std::memcpy(&two_to_n, &bits, sizeof(bits));
-    out[i] = lane_where(n > -126.0f, p * two_to_n);
+    uint32_t shifted_bits;
+    uint32_t p_bits;
+    std::memcpy(&shifted_bits, &shifted, sizeof(shifted_bits));
+    std::memcpy(&p_bits, &p, sizeof(p_bits));
+    p_bits += shifted_bits << 23;
+    float scaled;
+    std::memcpy(&scaled, &p_bits, sizeof(scaled));
+    out[i] = lane_where(n > -126.0f, scaled);
   }
   return SimdVec<float>::loadu(out);
 }
@@ -318,6 +330,38 @@ struct BlockKernel {
     return Vec::loadu(lanes);
   }
 
+  // The logits of bins bin_left and bin_left + 1 of each of the block's `count` row-major rows;
+  // lanes past `count` read the block's first row.
+  std::pair<Vec, Vec> target_logits(const acc_t* rows, const IndexVec& bin_left, int count,
+                                    int n_bins) const {
+#if defined(CPU_CAPABILITY_AVX2)
+    // Eight 8-byte loads of the adjacent pair and four shuffles: faster than two gathers, which
+    // are slow on many AVX2 CPUs.
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (count == kLanes) {
+        alignas(32) int32_t bins[kLanes];
+        bin_left.store(bins);
+        const auto pair = [&](int i) { return rows + i * n_bins + bins[i]; };
+        const auto load_two_pairs = [&](int i) {
+          const __m128 low = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(pair(i))));
+          return _mm_loadh_pi(low, reinterpret_cast<const __m64*>(pair(i + 1)));
+        };
+        // [l0 r0 l1 r1 | l4 r4 l5 r5] and [l2 r2 l3 r3 | l6 r6 l7 r7]
+        const __m256 rows_0145 =
+            _mm256_insertf128_ps(_mm256_castps128_ps256(load_two_pairs(0)), load_two_pairs(4), 1);
+        const __m256 rows_2367 =
+            _mm256_insertf128_ps(_mm256_castps128_ps256(load_two_pairs(2)), load_two_pairs(6), 1);
+        return {_mm256_shuffle_ps(rows_0145, rows_2367, _MM_SHUFFLE(2, 0, 2, 0)),
+                _mm256_shuffle_ps(rows_0145, rows_2367, _MM_SHUFFLE(3, 1, 3, 1))};
+      }
+    }
+#endif
+    const IndexVec row_start =
+        count == kLanes ? full_row_starts : partial_row_starts(count, n_bins);
+    return {at::vec::gather<sizeof(acc_t)>(rows, row_start + bin_left),
+            at::vec::gather<sizeof(acc_t)>(rows, row_start + bin_left + IndexVec(1))};
+  }
+
   // Rows [0, count) of the block starting at `logits`; writes each row's loss
   // to loss_out[i] and, when grad is not null, the rows' gradients.
   void operator()(const scalar_t* logits, const acc_t* target, const acc_t* weight, int count,
@@ -357,34 +401,31 @@ struct BlockKernel {
     const Vec row_max = max_of_finite(max_of_finite(max_chain[0], max_chain[1]),
                                       max_of_finite(max_chain[2], max_chain[3]));
 
-    // The two target bins' logits, gathered from the row-major rows (lanes past `count` read
-    // the block's first row); the clamp keeps the index in range for a NaN target, whose row
-    // the poison term makes NaN.
+    // The two target bins' logits, read from the row-major rows; the clamp keeps the index in
+    // range for a NaN target, whose row the poison term makes NaN.
     const IndexVec bin_left = at::vec::minimum(
         at::vec::maximum(at::vec::convert_to_int_of_same_size(th.left), IndexVec(0)),
         IndexVec(static_cast<Index>(n_bins - 2)));
-    const IndexVec row_start =
-        count == kLanes ? full_row_starts : partial_row_starts(count, n_bins);
-    const Vec x_left = at::vec::gather<sizeof(acc_t)>(rows, row_start + bin_left);
-    const Vec x_right = at::vec::gather<sizeof(acc_t)>(rows, row_start + bin_left + IndexVec(1));
+    const auto [x_left, x_right] = target_logits(rows, bin_left, count, n_bins);
 
     // The exps are kept for the gradient only.
     const bool keep_exp = grad != nullptr;
     Vec sum_even = zero;
     Vec sum_odd = zero;
     Vec poison = zero;
-    for (j = 0; j < n_bins; ++j) {
-      const Vec x = Vec::loadu(cols + j * kLanes);
+    const auto exp_of_bin = [&](int bin) {
+      const Vec x = Vec::loadu(cols + bin * kLanes);
+      poison = at::vec::fmadd(x, zero, poison);  // x * 0 is NaN for a NaN or infinite x
       // Exact at 0, so sum_exp >= 1; NaN/Inf rows are caught by the poison term, not by exp.
       const Vec e = exp_nonpositive(x - row_max);
-      if (keep_exp) e.store(cols + j * kLanes);
-      if (j % 2 == 0) {
-        sum_even = sum_even + e;
-      } else {
-        sum_odd = sum_odd + e;
-      }
-      poison = at::vec::fmadd(x, zero, poison);  // x * 0 is NaN for a NaN or infinite x
+      if (keep_exp) e.store(cols + bin * kLanes);
+      return e;
+    };
+    for (j = 0; j + 2 <= n_bins; j += 2) {
+      sum_even = sum_even + exp_of_bin(j);
+      sum_odd = sum_odd + exp_of_bin(j + 1);
     }
+    if (j < n_bins) sum_even = sum_even + exp_of_bin(j);
     const Vec sum_exp = (sum_even + sum_odd) + poison;
     const RowResult<Vec> r =
         finish_row(th, x_left - row_max, x_right - row_max, sum_exp, w, t, log_eps);
