@@ -73,11 +73,10 @@ inline SimdVec<T> minus_where_equal(const SimdVec<T>& a, const SimdVec<T>& lane,
 // exact at 0). n is rounded by adding the shifter 1.5 * 2^23, whose float has an ulp of 1: the
 // sum's low mantissa bits are then n (two's complement), and shifted into the exponent field
 // and added to p's bits as integers they scale p by 2^n exactly, with no float-to-int
-// conversion and no multiply (p is in [0.7, 1.42], so p 2^n stays normal for n >= -125). Every
-// level
-// gives 0 where 2^n would leave the normal range (x below about -87, -inf and NaN included),
-// so no subnormal reaches the gradient math (which some CPUs run a hundred times slower);
-// a NaN x comes only from a non-finite row, which the poison term makes NaN.
+// conversion and no multiply (p is in [0.7, 1.42], so p 2^n stays normal for n >= -125).
+// Every level gives 0 where 2^n would leave the normal range (x below about -87, -inf and NaN
+// included), so no subnormal reaches the gradient math (which some CPUs run a hundred times
+// slower); a NaN x comes only from a non-finite row, which the poison term makes NaN.
 template <typename T>
 inline SimdVec<T> exp_nonpositive(const SimdVec<T>& x) {
   return x.exp_u20();
