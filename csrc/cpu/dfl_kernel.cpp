@@ -141,9 +141,11 @@ inline SimdVec<float> exp_nonpositive(const SimdVec<float>& x) {
 }
 
 #else
-// Below AVX2 ATen's generic vector compiles its max and == to scalar code (a NaN test, a memset
-// per lane) and its exp and log call libm lane by lane: the float helpers are lane loops the
-// compiler vectorises instead, for whatever SIMD the target has (SSE2 on x86-64).
+// Below AVX2 ATen's generic vector computes its exp and log by calling libm lane by lane: those
+// two are lane loops the compiler vectorises instead, for whatever SIMD the target has. On
+// x86-64 (SSE2 is part of it) its compares, max, min and floor are scalar code too (a NaN test
+// and a memset per lane), so those helpers are SSE2 instructions on each half of the 8 lanes;
+// elsewhere ATen's own vectors (NEON on ARM) serve them.
 
 // value where keep, else 0, as a bit mask: the compiler would not vectorise a ?: of floats (it
 // may not evaluate or compare floats speculatively).
@@ -155,30 +157,63 @@ inline float lane_where(bool keep, float value) {
   return value;
 }
 
-inline SimdVec<float> max_of_finite(const SimdVec<float>& a, const SimdVec<float>& b) {
-  constexpr int kLanes = SimdVec<float>::size();
-  alignas(64) float x[kLanes];
-  alignas(64) float y[kLanes];
-  a.store(x);
-  b.store(y);
-  for (int i = 0; i < kLanes; ++i) x[i] = x[i] > y[i] ? x[i] : y[i];
-  return SimdVec<float>::loadu(x);
+#if defined(__SSE2__)
+// op applied to each SSE register's worth (4 lanes) of the vectors.
+template <typename Op, typename... Vecs>
+inline SimdVec<float> by_sse_halves(Op op, const Vecs&... vectors) {
+  constexpr int kSseLanes = 4;
+  static_assert(SimdVec<float>::size() % kSseLanes == 0, "whole SSE registers");
+  SimdVec<float> out;
+  for (int h = 0; h < SimdVec<float>::size(); h += kSseLanes) {
+    _mm_storeu_ps(static_cast<float*>(out) + h,
+                  op(_mm_loadu_ps(static_cast<const float*>(vectors) + h)...));
+  }
+  return out;
 }
 
+// maxps and minps return their second operand where either is NaN; a NaN target, the only
+// NaN these see, makes its row NaN through the poison term whatever they return.
+inline SimdVec<float> max_of_finite(const SimdVec<float>& a, const SimdVec<float>& b) {
+  return by_sse_halves([](__m128 x, __m128 y) { return _mm_max_ps(x, y); }, a, b);
+}
+inline SimdVec<float> math_max(const SimdVec<float>& a, const SimdVec<float>& b) {
+  return by_sse_halves([](__m128 x, __m128 y) { return _mm_max_ps(x, y); }, a, b);
+}
+inline SimdVec<float> math_min(const SimdVec<float>& a, const SimdVec<float>& b) {
+  return by_sse_halves([](__m128 x, __m128 y) { return _mm_min_ps(x, y); }, a, b);
+}
+// floor without SSE4.1's roundps: truncation to int32, minus 1 where that rounded up. x with
+// |x| >= 2^23 (an integer already) and NaN are returned as they are; -0 becomes +0, which the
+// two-hot weights (the only use) cannot tell apart.
+inline SimdVec<float> math_floor(const SimdVec<float>& x) {
+  return by_sse_halves(
+      [](__m128 v) {
+        const __m128 truncated = _mm_cvtepi32_ps(_mm_cvttps_epi32(v));
+        const __m128 floored =
+            _mm_sub_ps(truncated, _mm_and_ps(_mm_cmpgt_ps(truncated, v), _mm_set1_ps(1.0f)));
+        const __m128 magnitude = _mm_andnot_ps(_mm_set1_ps(-0.0f), v);
+        const __m128 as_is = _mm_cmpnlt_ps(magnitude, _mm_set1_ps(8388608.0f));  // or NaN
+        return _mm_or_ps(_mm_and_ps(as_is, v), _mm_andnot_ps(as_is, floored));
+      },
+      x);
+}
+inline SimdVec<float> keep_if_ge(const SimdVec<float>& a, const SimdVec<float>& b,
+                                 const SimdVec<float>& value) {
+  return by_sse_halves(
+      [](__m128 x, __m128 y, __m128 v) { return _mm_and_ps(v, _mm_cmpge_ps(x, y)); }, a, b, value);
+}
+inline SimdVec<float> keep_if_gt(const SimdVec<float>& a, const SimdVec<float>& b,
+                                 const SimdVec<float>& value) {
+  return by_sse_halves(
+      [](__m128 x, __m128 y, __m128 v) { return _mm_and_ps(v, _mm_cmpgt_ps(x, y)); }, a, b, value);
+}
 inline SimdVec<float> minus_where_equal(const SimdVec<float>& a, const SimdVec<float>& lane,
                                         const SimdVec<float>& target, const SimdVec<float>& b) {
-  constexpr int kLanes = SimdVec<float>::size();
-  alignas(64) float out[kLanes];
-  alignas(64) float lanes[kLanes];
-  alignas(64) float targets[kLanes];
-  alignas(64) float subtrahends[kLanes];
-  a.store(out);
-  lane.store(lanes);
-  target.store(targets);
-  b.store(subtrahends);
-  for (int i = 0; i < kLanes; ++i) out[i] -= lane_where(lanes[i] == targets[i], subtrahends[i]);
-  return SimdVec<float>::loadu(out);
+  return by_sse_halves([](__m128 x, __m128 l, __m128 t,
+                          __m128 y) { return _mm_sub_ps(x, _mm_and_ps(y, _mm_cmpeq_ps(l, t))); },
+                       a, lane, target, b);
 }
+#endif
 
 // Without FMA, ln 2 is split in two (Cody-Waite): the product by its high part is exact, so
 // the reduction loses no accuracy.
