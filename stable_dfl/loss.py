@@ -44,10 +44,11 @@ def _rows(pred: torch.Tensor, target: torch.Tensor, n_bins: int) -> torch.Tensor
     )
 
 
-def _broadcast(
+def _broadcastable(
     name: str, value: torch.Tensor, target: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
-    """``value`` checked and broadcast to ``target``'s shape (a view, nothing copied)."""
+    """``value``, checked to broadcast to ``target``'s shape (and, unless it is the mask, to hold
+    real numbers that fit ``dtype``)."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(value).__name__}")
     if name != "mask" and (value.dtype == torch.bool or value.is_complex()):
@@ -55,7 +56,7 @@ def _broadcast(
     if value.device != target.device:
         raise ValueError(f"{name} is on {value.device} but target is on {target.device}")
     try:
-        expanded = value.expand(target.shape)
+        value.expand(target.shape)
     except RuntimeError:
         raise ValueError(
             f"{name} of shape {_shape(value)} cannot be broadcast to target's shape {_shape(target)}"
@@ -69,35 +70,37 @@ def _broadcast(
                 f"{name} holds finite values beyond the range of {dtype}, the dtype the loss "
                 "is computed in for these logits"
             )
-    return expanded
+    return value
 
 
 def _row_weights(
     weight: torch.Tensor | None, mask: torch.Tensor | None, target: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor | None, torch.Tensor | int]:
     """The flat weight of each row (``weight * mask``, broadcast to ``target``) and the number
-    of rows a 'mean' divides by. The per-row tensor is written once, by one elementwise op."""
+    of rows a 'mean' divides by. ``weight * mask`` is computed at the shape the two broadcast to
+    (a weight and a mask per anchor: one value per anchor, not one per side), then copied out to
+    one weight per row."""
     count: torch.Tensor | int = max(target.numel(), 1)
-    weights = None if weight is None else _broadcast("weight", weight, target, dtype)
+    weights = None if weight is None else _broadcastable("weight", weight, target, dtype)
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             raise TypeError(
                 f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}"
             )
-        mask_rows = _broadcast("mask", mask, target, dtype)
+        mask = _broadcastable("mask", mask, target, dtype)
         # A masked-out row's weight is its weight times 0: 0, or NaN for a NaN/Inf weight, to be
         # reported. torch.where writes it in one pass, several times faster than a bool * float
-        # product of broadcast operands.
+        # product.
         if weights is None:
-            weights = torch.where(mask_rows, 1.0, 0.0)
+            weights = torch.where(mask, 1.0, 0.0)
         else:
-            weights = torch.where(mask_rows, weights, weight * 0)
+            weights = torch.where(mask, weights, weights * 0)
         # Broadcasting repeats every mask element target.numel() / mask.numel() times.
         repeats = target.numel() // mask.numel() if mask.numel() else 0
         count = (mask.sum() * repeats).clamp(min=1)
     if weights is None:
         return None, count
-    return weights.to(dtype).contiguous().reshape(-1), count
+    return weights.to(dtype).expand(target.shape).contiguous().reshape(-1), count
 
 
 def _narrows(source: torch.dtype, dtype: torch.dtype) -> bool:

@@ -61,6 +61,27 @@ def test_mask_equals_boolean_indexing(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(
+    "weight_shape, mask_shape",
+    [((50, 1), (50, 4)), ((50, 4), (50, 1)), ((), (50, 1)), ((4,), (50, 1)), ((1, 1), (1, 4))],
+    ids=["anchor-weight,side-mask", "side-weight,anchor-mask", "scalar", "per-side", "broadcast"],
+)
+def test_weight_and_mask_of_any_broadcast_shapes_weigh_each_row_as_expanded(
+    backend, weight_shape, mask_shape
+):
+    pred, target = box_case()
+    weight = torch.rand(weight_shape) + 0.5
+    mask = torch.rand(mask_shape) > 0.4
+    row_weight = (weight * mask).expand(50, 4).contiguous()
+    expected = stable_dfl_loss(pred, target, row_weight, reduction="sum", backend=backend)
+    loss = stable_dfl_loss(pred, target, weight, mask=mask, reduction="sum", backend=backend)
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    (grad,) = torch.autograd.grad(loss, pred)
+    (expected_grad,) = torch.autograd.grad(expected, pred)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_mask_with_a_weight_per_anchor_equals_indexing_and_reports_bad_masked_out_weights(backend):
     pred, target = box_case()
     weight = torch.rand(50, 1) + 0.5
