@@ -25,8 +25,8 @@ The gradients are refreshed from a pristine copy before every timed run: clippin
 buffers again and again shrinks them into denormals, which slows ``_foreach_mul_`` by
 orders of magnitude on CPUs and would fake any comparison.
 
-Writes ``guard_<device>_<n>threads.csv``, ``.json`` and ``.png`` into ``--out`` (default
-bench/results). Run: ``python bench/bench_guard.py [--device cpu|cuda] [--threads N]``.
+Writes ``guard_<device>_<n>threads.csv``, ``.json``, ``.png`` and ``.md`` (the table README's is
+generated from) into ``--out`` (default bench/results). Run: ``python bench/bench_guard.py [--device cpu|cuda] [--threads N]``.
 On a shared machine, rerun when the quantiles are far apart: a descheduled OpenMP thread
 stalls every recipe's parallel regions.
 """
@@ -200,6 +200,35 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def summary(rows: list[dict[str, object]], info: dict[str, object], repeats: int) -> str:
+    """The ``.md``: a line saying where and how it was measured, then per parameter set, dtype,
+    max_norm and recipe family the standard and guard medians, the speed-up and the passes."""
+    where = info.get("gpu", info["cpu"])
+    lines = [
+        f"{where}, {info['torch_threads']} threads, torch {info['torch']}, commit "
+        f"{str(info['git_commit'])[:7]}; medians of {repeats} runs, the recipes interleaved.",
+        "",
+        "| parameters (tensors) | grads | max_norm | recipe | standard ms | guard ms | speedup "
+        "| passes over gradient memory (standard → guard) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    by_recipe = {(r["set"], r["dtype"], r["scenario"], r["recipe"]): r for r in rows}
+    for set_name, dtype, scenario, recipe in by_recipe:
+        family, kind = str(recipe).split("/")
+        if kind != "guard":
+            continue
+        guard = by_recipe[(set_name, dtype, scenario, recipe)]
+        standard = by_recipe[(set_name, dtype, scenario, f"{family}/standard")]
+        label = "AMP (GradScaler)" if family == "amp" else "no scaler"
+        lines.append(
+            f"| {guard['params'] / 1e6:.0f}M ({guard['tensors']}) | {dtype} | "
+            f"{SCENARIOS[str(scenario)]:g} | {label} | {standard['median_ms']:.2f} | "
+            f"{guard['median_ms']:.2f} | {guard['speedup_vs_standard']:.2f}x | "
+            f"{standard['passes']} → {guard['passes']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: list[dict[str, object]], path: str, title: str) -> None:
     import matplotlib
 
@@ -296,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         f"GradGuard vs standard recipe, {info.get('gpu', info['cpu'])}, "
         f"{info['torch_threads']} threads, torch {info['torch']}",
     )
-    print(f"wrote {stem}.csv, .json, .png")
+    with open(stem + ".md", "w") as f:
+        f.write(summary(rows, info, args.repeats))
+    print(f"wrote {stem}.csv, .json, .png, .md")
     return 0
 
 

@@ -32,7 +32,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import N_BINS, cpu_description, loss_step, result_row, run_metadata, write_results
+from common import (
+    N_BINS,
+    cpu_description,
+    loss_step,
+    result_row,
+    run_header,
+    run_metadata,
+    write_results,
+)
 
 from stable_dfl.integrations import ultralytics as stable_ultralytics
 
@@ -211,7 +219,8 @@ def main() -> None:
     sizes = SIZES[:1] if args.quick else SIZES
     rows = run(sizes, repeats=3 if args.quick else 9, budget_s=0.5 if args.quick else 3.0)
     stem = STEM + ("_quick" if args.quick else "")
-    print(write_results(rows, stem, plot, summary))
+    header = f"ultralytics {rows[0]['ultralytics']}, {run_header(rows)}"
+    print(write_results(rows, stem, plot, summary, header))
 
 
 if __name__ == "__main__":
