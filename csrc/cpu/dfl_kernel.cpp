@@ -364,10 +364,29 @@ struct BlockKernel {
     return Vec::loadu(lanes);
   }
 
-  // The logits of bins bin_left and bin_left + 1 of each of the block's `count` row-major rows;
-  // lanes past `count` read the block's first row.
-  std::pair<Vec, Vec> target_logits(const acc_t* rows, const IndexVec& bin_left, int count,
-                                    int n_bins) const {
+  // The logits of bins bin_left and bin_left + 1 of each of the block's `count` row-major rows
+  // (`logits` as the caller holds them, `rows` widened to acc_t); lanes past `count` read the
+  // block's first row.
+  std::pair<Vec, Vec> target_logits(const scalar_t* logits, const acc_t* rows,
+                                    const IndexVec& bin_left, int count, int n_bins) const {
+#if defined(CPU_CAPABILITY_AVX512)
+    // fp16/bf16: one 32-bit gather of the adjacent pair from the 16-bit rows, whose low half is
+    // bin_left and high half bin_left + 1 (bin_left <= n_bins - 2: inside the row).
+    if constexpr (std::is_same_v<acc_t, float> && sizeof(scalar_t) == 2) {
+      if (count == kLanes) {
+        const __m512i pairs =
+            _mm512_i32gather_epi32(full_row_starts + bin_left, static_cast<const void*>(logits), 2);
+        if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+          return {_mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)),
+                  _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(0xffff0000)))};
+        } else {
+          return {_mm512_cvtph_ps(_mm512_cvtepi32_epi16(pairs)),
+                  _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(pairs, 16)))};
+        }
+      }
+    }
+#endif
+    (void)logits;
 #if defined(CPU_CAPABILITY_AVX2)
     // Eight 8-byte loads of the adjacent pair and four shuffles: faster than two gathers, which
     // are slow on many AVX2 CPUs.
@@ -396,21 +415,49 @@ struct BlockKernel {
             at::vec::gather<sizeof(acc_t)>(rows, row_start + bin_left + IndexVec(1))};
   }
 
+  // Full blocks of 16 fp16/bf16 rows of 16 bins on AVX-512: widened to fp32 and transposed in
+  // registers straight into cols, with no row-major fp32 copy in between (target_logits reads
+  // such blocks from the 16-bit rows). False elsewhere.
+  bool widen_transposed(const scalar_t* logits, int count) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (kBins == 16 && kLanes == 16 && std::is_same_v<acc_t, float>) {
+      if (count != kLanes) return false;
+      at::vec::VectorizedN<float, 16> block;
+      for (int i = 0; i < 16; ++i) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(logits + i * 16));
+        if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+          block[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+        } else {
+          block[i] = _mm512_cvtph_ps(raw);
+        }
+      }
+      at::vec::transpose_block(block);
+      for (int j = 0; j < 16; ++j) block[j].store(cols + j * kLanes);
+      return true;
+    }
+#endif
+    (void)logits;
+    (void)count;
+    return false;
+  }
+
   // Rows [0, count) of the block starting at `logits`; writes each row's loss
   // to loss_out[i] and, when grad is not null, the rows' gradients.
   void operator()(const scalar_t* logits, const acc_t* target, const acc_t* weight, int count,
                   acc_t* loss_out, scalar_t* grad) {
     const int n_bins = kBins > 0 ? kBins : dynamic_bins;
-    // The block's rows are contiguous: widen them in one vectorised pass, then
-    // transpose the tile with SIMD shuffles.
+    // The block's rows are contiguous: widen them in one vectorised pass (or in registers, as
+    // they are transposed), then transpose the tile with SIMD shuffles. rows: the widened rows,
+    // null where they went to cols directly.
     const acc_t* rows = nullptr;
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       rows = logits;
-    } else {
+      transpose_tile<acc_t>(rows, n_bins, cols, kLanes, count, n_bins);
+    } else if (!widen_transposed(logits, count)) {
       at::vec::convert(logits, tile, static_cast<int64_t>(count) * n_bins);
       rows = tile;
+      transpose_tile<acc_t>(rows, n_bins, cols, kLanes, count, n_bins);
     }
-    transpose_tile<acc_t>(rows, n_bins, cols, kLanes, count, n_bins);
     for (int i = count; i < kLanes; ++i) {
       for (int j = 0; j < n_bins; ++j) cols[j * kLanes + i] = acc_t(0);
     }
@@ -440,7 +487,7 @@ struct BlockKernel {
     const IndexVec bin_left = at::vec::minimum(
         at::vec::maximum(at::vec::convert_to_int_of_same_size(th.left), IndexVec(0)),
         IndexVec(static_cast<Index>(n_bins - 2)));
-    const auto [x_left, x_right] = target_logits(rows, bin_left, count, n_bins);
+    const auto [x_left, x_right] = target_logits(logits, rows, bin_left, count, n_bins);
 
     // The exps are kept for the gradient only.
     const bool keep_exp = grad != nullptr;
