@@ -14,15 +14,16 @@ these providers, all in the same run:
   once (no page faults), for scale.
 
 The timing is pytest-benchmark's (``bench/test_dfl_cpu.py``, which also times the masked call
-at 10% foreground and measures peak extra memory); this script runs that suite and renders its
-JSON: rows appended to ``bench/results/<stem>.csv``, the run's rows to ``<stem>.json``, tables to
-``<stem>.md`` (README's tables are generated from it: ``bench/readme_tables.py``) and a plot to
-``<stem>.png``. Medians and 20/80% quantiles over rounds; ratios against the other providers of
-the same run.
+at 10% foreground and measures peak extra memory); this script runs that suite ``RUNS`` times
+(``--runs``) and merges the runs, each case's rounds those of every run
+(``common.merge_benchmark_runs``), then renders the JSON: rows appended to
+``bench/results/<stem>.csv``, the run's rows to ``<stem>.json``, tables to ``<stem>.md`` (README's
+tables are generated from it: ``bench/readme_tables.py``) and a plot to ``<stem>.png``. Medians
+and 20/80% quantiles over rounds; ratios against the other providers of the same run.
 
-Usage: ``python bench/bench_dfl.py [--quick] [--stem NAME] [-k EXPR]`` or ``--from_json FILE``
-(render a suite run made with ``pytest bench/test_dfl_cpu.py --benchmark-only
---benchmark-json=FILE --benchmark-save-data``). The CPU kernel level is the one in use
+Usage: ``python bench/bench_dfl.py [--quick] [--runs K] [--stem NAME] [-k EXPR]`` or
+``--from_json FILE`` (render a suite run made with ``pytest bench/test_dfl_cpu.py
+--benchmark-only --benchmark-json=FILE --benchmark-save-data``). The CPU kernel level is the one in use
 (``ATEN_CPU_CAPABILITY=default|avx2|avx512`` forces a lower one) and is recorded in each row's
 ``device``.
 """
@@ -53,6 +54,9 @@ PROVIDERS = (
 )
 MEMORY_PROVIDERS = ("stable_dfl", "reference", "ultralytics", "memory_floor")
 MEMORY_ROWS = 537_600
+#: Runs of the suite each case's median is over: the goals compare providers timed seconds
+#: apart, and one run can catch a slow phase of a shared machine on one of them.
+RUNS = 3
 MASKED_PROVIDERS = (
     "stable_dfl_mask",
     "stable_dfl_indexed",
@@ -267,6 +271,7 @@ def main() -> None:
         plot,
         summary,
         "; e.g. one per CPU level forced with ATEN_CPU_CAPABILITY",
+        default_runs=RUNS,
     )
 
 

@@ -190,10 +190,46 @@ def run_timed(
 
 
 def run_benchmark_suite(
-    test_file: str, json_path: Path, quick: bool, select: str | None = None
+    test_file: str, json_path: Path, quick: bool, select: str | None = None, runs: int = 1
 ) -> None:
-    """Runs ``bench/<test_file>`` under pytest-benchmark, its results (every round's time) to
-    ``json_path``; ``quick`` is the suite's smoke mode, ``select`` a ``-k`` expression."""
+    """Runs ``bench/<test_file>`` under pytest-benchmark ``runs`` times, their results (every
+    round's time) to ``json_path`` (:func:`merge_benchmark_runs`); ``quick`` is the suite's
+    smoke mode, ``select`` a ``-k`` expression."""
+    if runs == 1:
+        _run_suite_once(test_file, json_path, quick, select)
+        return
+    parts = [json_path.with_name(f"{json_path.stem}.run{i}.json") for i in range(runs)]
+    for part in parts:
+        _run_suite_once(test_file, part, quick, select)
+    merge_benchmark_runs(parts, json_path)
+    for part in parts:
+        part.unlink()
+
+
+def merge_benchmark_runs(paths: list[Path], out: Path) -> None:
+    """The pytest-benchmark JSONs of several runs of one suite as one JSON at ``out``: each
+    case's rounds are those of every run, in run order, and a measured ``value`` is the median
+    of the runs' values. A case's median then reflects the minutes the runs spread over, not
+    one run's few seconds, in which a slow phase of a shared machine can decide a ratio."""
+    runs = [json.loads(Path(path).read_text()) for path in paths]
+    merged = runs[0]
+    for case in merged["benchmarks"]:
+        same = [
+            next(c for c in run["benchmarks"] if c["fullname"] == case["fullname"]) for run in runs
+        ]
+        case["stats"]["data"] = [seconds for c in same for seconds in c["stats"]["data"]]
+        if "value" in case["extra_info"]:
+            case["extra_info"]["value"] = statistics.median(c["extra_info"]["value"] for c in same)
+    merged["runs"] = len(runs)
+    out.write_text(json.dumps(merged, indent=4))
+
+
+def runs_in_benchmark_json(path: Path) -> int:
+    """How many runs of its suite the JSON at ``path`` holds (:func:`merge_benchmark_runs`)."""
+    return int(json.loads(Path(path).read_text()).get("runs", 1))
+
+
+def _run_suite_once(test_file: str, json_path: Path, quick: bool, select: str | None) -> None:
     command = [
         sys.executable,
         "-m",
@@ -230,14 +266,22 @@ def suite_main(
     plot_fn: Callable[[list[dict], Path], None],
     summary_fn: Callable[[list[dict]], str],
     stem_help: str = "",
+    default_runs: int = 1,
 ) -> None:
-    """The command line of a script that runs ``bench/<test_file>`` (or reads a JSON it
-    wrote) and renders its results to ``bench/results/<stem>.*``."""
+    """The command line of a script that runs ``bench/<test_file>`` (``default_runs`` times
+    unless ``--runs`` says otherwise; ``--quick``: once) or reads a JSON it wrote, and renders
+    its results to ``bench/results/<stem>.*``."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--quick", action="store_true", help="small sizes, few rounds (a smoke run)"
     )
     parser.add_argument("-k", dest="select", help="run only the suite's cases matching this")
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=default_runs,
+        help=f"runs of the suite whose rounds each case's median is over (default: {default_runs})",
+    )
     parser.add_argument(
         "--from_json",
         type=Path,
@@ -254,10 +298,12 @@ def suite_main(
     if json_path is None:
         RESULTS.mkdir(parents=True, exist_ok=True)
         json_path = RESULTS / f"{stem}_benchmarks.json"
-        run_benchmark_suite(test_file, json_path, args.quick, args.select)
+        runs = 1 if args.quick else args.runs
+        run_benchmark_suite(test_file, json_path, args.quick, args.select, runs)
     rows = rows_from_benchmark_json(json_path)
+    header = run_header(rows, runs_in_benchmark_json(json_path))
     table = write_results(
-        rows, stem, plot_fn, summary_fn, run_header(rows), append_csv=args.from_json is None
+        rows, stem, plot_fn, summary_fn, header, append_csv=args.from_json is None
     )
     print(table)
 
@@ -289,10 +335,14 @@ def rows_from_benchmark_json(path: Path) -> list[dict]:
     return rows
 
 
-def run_header(rows: list[dict]) -> str:
-    """The line an ``.md`` of results starts with: where and at which commit they were taken."""
+def run_header(rows: list[dict], runs: int = 1) -> str:
+    """The line an ``.md`` of results starts with: where and at which commit they were taken,
+    and over how many runs of the suite the medians are."""
     first = rows[0]
-    return f"{first['device']}, torch {first['torch']}, commit {first['commit']}; medians.\n\n"
+    over = "" if runs == 1 else f" over the rounds of {runs} runs of the suite"
+    return (
+        f"{first['device']}, torch {first['torch']}, commit {first['commit']}; medians{over}.\n\n"
+    )
 
 
 def write_csv(rows: list[dict], path: Path, append: bool = True) -> None:
