@@ -23,9 +23,9 @@ and 20/80% quantiles over rounds; ratios against the other providers of the same
 
 Usage: ``python bench/bench_dfl.py [--quick] [--runs K] [--stem NAME] [-k EXPR]`` or
 ``--from_json FILE`` (render a suite run made with ``pytest bench/test_dfl_cpu.py
---benchmark-only --benchmark-json=FILE --benchmark-save-data``). The CPU kernel level is the one in use
-(``ATEN_CPU_CAPABILITY=default|avx2|avx512`` forces a lower one) and is recorded in each row's
-``device``.
+--benchmark-only --benchmark-json=FILE --benchmark-save-data``). The CPU kernel level is the one
+in use (``ATEN_CPU_CAPABILITY=default|avx2|avx512`` forces a lower one) and is recorded in each
+row's ``device``.
 """
 
 from __future__ import annotations

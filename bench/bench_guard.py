@@ -26,7 +26,8 @@ buffers again and again shrinks them into denormals, which slows ``_foreach_mul_
 orders of magnitude on CPUs and would fake any comparison.
 
 Writes ``guard_<device>_<n>threads.csv``, ``.json``, ``.png`` and ``.md`` (the table README's is
-generated from) into ``--out`` (default bench/results). Run: ``python bench/bench_guard.py [--device cpu|cuda] [--threads N]``.
+generated from) into ``--out`` (default bench/results).
+Run: ``python bench/bench_guard.py [--device cpu|cuda] [--threads N]``.
 On a shared machine, rerun when the quantiles are far apart: a descheduled OpenMP thread
 stalls every recipe's parallel regions.
 """

@@ -173,11 +173,11 @@ inline SimdVec<float> by_sse_halves(Op op, const Vecs&... vectors) {
 
 // maxps and minps return their second operand where either is NaN; a NaN target, the only
 // NaN these see, makes its row NaN through the poison term whatever they return.
-inline SimdVec<float> max_of_finite(const SimdVec<float>& a, const SimdVec<float>& b) {
-  return by_sse_halves([](__m128 x, __m128 y) { return _mm_max_ps(x, y); }, a, b);
-}
 inline SimdVec<float> math_max(const SimdVec<float>& a, const SimdVec<float>& b) {
   return by_sse_halves([](__m128 x, __m128 y) { return _mm_max_ps(x, y); }, a, b);
+}
+inline SimdVec<float> max_of_finite(const SimdVec<float>& a, const SimdVec<float>& b) {
+  return math_max(a, b);
 }
 inline SimdVec<float> math_min(const SimdVec<float>& a, const SimdVec<float>& b) {
   return by_sse_halves([](__m128 x, __m128 y) { return _mm_min_ps(x, y); }, a, b);
