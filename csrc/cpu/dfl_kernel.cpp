@@ -452,12 +452,11 @@ struct BlockKernel {
     const acc_t* rows = nullptr;
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       rows = logits;
-      transpose_tile<acc_t>(rows, n_bins, cols, kLanes, count, n_bins);
     } else if (!widen_transposed(logits, count)) {
       at::vec::convert(logits, tile, static_cast<int64_t>(count) * n_bins);
       rows = tile;
-      transpose_tile<acc_t>(rows, n_bins, cols, kLanes, count, n_bins);
     }
+    if (rows != nullptr) transpose_tile<acc_t>(rows, n_bins, cols, kLanes, count, n_bins);
     for (int i = count; i < kLanes; ++i) {
       for (int j = 0; j < n_bins; ++j) cols[j * kLanes + i] = acc_t(0);
     }
