@@ -103,13 +103,15 @@ def make_step(provider: str, mode: str, pred, target, weight) -> Callable[[], ob
     return common.loss_step(make_loss_fn(provider), mode, pred, target, weight)
 
 
-def peak_extra_memory_mb(provider: str, n_rows: int, dtype_name: str) -> float:
-    """Peak RSS growth of one fwd+bwd after the inputs exist, measured in a fresh process
-    (Linux: the high-water mark is reset through /proc/self/clear_refs just before the step;
-    importing torch alone peaks higher than the step, which would hide it). The provider
-    first runs once on a small input, as a training loop has by its second step: the first
-    call of an op faults in its code pages (about 5 MB for the compiled DFL), which is not
-    memory of the step."""
+def extra_memory_mb(provider: str, n_rows: int, dtype_name: str) -> dict[str, float]:
+    """RSS growth of one fwd+bwd after the inputs exist, measured in a fresh process:
+    ``peak_extra_mb`` at its peak (Linux: the high-water mark is reset through
+    /proc/self/clear_refs just before the step; importing torch alone peaks higher than the
+    step, which would hide it) and ``held_mb`` once the step and its gradient are gone (what
+    stays mapped until the next step: stable_dfl keeps its gradient's block for reuse). The
+    provider first runs once on a small input, as a training loop has by its second step: the
+    first call of an op faults in its code pages (about 5 MB for the compiled DFL), which is
+    not memory of the step."""
     code = (
         "import sys, torch\n"
         "sys.path.insert(0, sys.argv[1])\n"
@@ -123,17 +125,18 @@ def peak_extra_memory_mb(provider: str, n_rows: int, dtype_name: str) -> float:
         "before = status_kb('VmRSS')\n"
         "open('/proc/self/clear_refs', 'w').write('5')\n"
         "step()\n"
-        "print((status_kb('VmHWM') - before) / 1024)\n"
+        "print((status_kb('VmHWM') - before) / 1024, (status_kb('VmRSS') - before) / 1024)\n"
     )
-    if provider == "compiled_reference":
-        return float("nan")  # compiling allocates far more than the kernel it produces
+    if provider == "compiled_reference":  # compiling allocates far more than the kernel it produces
+        return {"peak_extra_mb": float("nan"), "held_mb": float("nan")}
     out = subprocess.run(
         [sys.executable, "-c", code, str(Path(__file__).parent), provider, str(n_rows), dtype_name],
         capture_output=True,
         text=True,
         check=True,
     )
-    return float(out.stdout.strip().splitlines()[-1])
+    peak, held = (float(v) for v in out.stdout.strip().splitlines()[-1].split())
+    return {"peak_extra_mb": peak, "held_mb": max(held, 0.0)}
 
 
 def summary(rows: list[dict]) -> str:
@@ -158,11 +161,18 @@ def summary(rows: list[dict]) -> str:
             f"| {t['compiled_reference'] / ours:.1f} | {ours / t['memory_floor']:.2f} |"
         )
     memory = [r for r in rows if r["metric"] == "peak_extra_mb"]
+    held = [r for r in rows if r["metric"] == "held_mb"]
     if memory:
         lines.append("")
         lines.append(
             f"Peak extra memory of one fwd+bwd, fp32, N = {memory[0]['x']:,} (peak RSS growth): "
             + ", ".join(f"{r['provider']} {r['y50']} MB" for r in memory)
+            + (
+                "; held once the step's tensors are gone, until the next step: "
+                + ", ".join(f"{r['provider']} {r['y50']} MB" for r in held)
+                if held
+                else ""
+            )
         )
     lines += ["", *goals(rows)]
     masked = {

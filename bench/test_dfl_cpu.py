@@ -120,12 +120,14 @@ def test_dfl_masked(benchmark, dtype, provider, quick):
     )
 
 
+@pytest.mark.parametrize("metric", ["peak_extra_mb", "held_mb"])
 @pytest.mark.parametrize("provider", bench_dfl.MEMORY_PROVIDERS)
-def test_dfl_peak_extra_memory(benchmark, provider, quick):
-    """Peak RSS growth of one fwd+bwd in a fresh process (the time is that process's)."""
+def test_dfl_extra_memory(benchmark, provider, metric, quick):
+    """RSS growth of one fwd+bwd in a fresh process, at its peak or once the step is over
+    (see bench_dfl.extra_memory_mb; the time is that process's)."""
     if quick:
         pytest.skip("memory is measured in full runs only")
-    benchmark.group = f"dfl peak extra memory fp32 N={bench_dfl.MEMORY_ROWS:,}"
+    benchmark.group = f"dfl {metric} fp32 N={bench_dfl.MEMORY_ROWS:,}"
     common.record_case(
         benchmark,
         kernel="dfl",
@@ -136,9 +138,8 @@ def test_dfl_peak_extra_memory(benchmark, provider, quick):
     )
 
     def measure() -> None:
-        benchmark.extra_info["metric"] = "peak_extra_mb"
-        benchmark.extra_info["value"] = round(
-            bench_dfl.peak_extra_memory_mb(provider, bench_dfl.MEMORY_ROWS, "fp32"), 1
-        )
+        benchmark.extra_info["metric"] = metric
+        measured = bench_dfl.extra_memory_mb(provider, bench_dfl.MEMORY_ROWS, "fp32")
+        benchmark.extra_info["value"] = round(measured[metric], 1)
 
     benchmark.pedantic(measure, rounds=1, iterations=1)

@@ -13,10 +13,7 @@
 #include <limits>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
+#include "cpu_block_cache.h"
 #include "cpu_kernels.h"
 #include "dfl_checks.h"
 
@@ -25,31 +22,6 @@ namespace {
 
 // Rows per deterministic partial sum; also the unit of parallel work.
 constexpr int64_t kRowsPerChunk = 256;
-
-// A gradient this large is usually fresh memory that the allocator just mapped, and the
-// kernel's first touch of each 4 KiB page costs more than computing its contents. Asking
-// for transparent huge pages (where the system grants them on request) cuts those faults
-// by 512x; memory the allocator reuses is unaffected. The same as torch's opt-in
-// THP_MEM_ALLOC_ENABLE, for this one buffer.
-constexpr size_t kHugePageBytes = size_t{2} << 20;
-constexpr size_t kHugePageMinBytes = 2 * kHugePageBytes;
-
-void advise_huge_pages(const at::Tensor& buffer) {
-#ifdef __linux__
-  const size_t bytes = buffer.nbytes();
-  if (bytes < kHugePageMinBytes) return;
-  const auto begin = reinterpret_cast<uintptr_t>(buffer.data_ptr());
-  const uintptr_t aligned_begin = (begin + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
-  const uintptr_t aligned_end = (begin + bytes) & ~(kHugePageBytes - 1);
-  if (aligned_end > aligned_begin) {
-    // Advice only: any failure leaves ordinary pages, which are correct too.
-    (void)madvise(reinterpret_cast<void*>(aligned_begin), aligned_end - aligned_begin,
-                  MADV_HUGEPAGE);
-  }
-#else
-  (void)buffer;
-#endif
-}
 
 std::tuple<at::Tensor, at::Tensor> dfl_forward_cpu(const at::Tensor& pred_in,
                                                    const at::Tensor& target_in,
@@ -65,9 +37,9 @@ std::tuple<at::Tensor, at::Tensor> dfl_forward_cpu(const at::Tensor& pred_in,
   const auto acc_options = pred.options().dtype(acc_dtype);
   at::Tensor loss =
       reduce_sum ? at::empty({}, acc_options) : at::empty({pred.size(0)}, acc_options);
-  at::Tensor grad =
-      need_grad ? at::empty(pred.sizes(), pred.options()) : at::empty({0}, pred.options());
-  if (need_grad) advise_huge_pages(grad);
+  // The gradient is the one buffer as large as the logits: reused from step to step.
+  at::Tensor grad = need_grad ? empty_reusing_blocks(pred.sizes(), pred.scalar_type())
+                              : at::empty({0}, pred.options());
 
   cpu::DflForwardArgs args{};
   args.dtype = pred.scalar_type();

@@ -6,8 +6,11 @@ from .ops import (
     DEFAULT_EPS,
     DEFAULT_MAX_LOSS,
     BackendUnavailableError,
+    cpu_block_cache_info,
     dfl_reference,
+    empty_cpu_block_cache,
     resolve_backend,
+    set_cpu_block_cache_limit,
 )
 from .ops.grad_norm import grad_norm_and_nonfinite
 
@@ -21,8 +24,11 @@ __all__ = [
     "GradGuardResult",
     "StableDFLLoss",
     "__version__",
+    "cpu_block_cache_info",
     "dfl_reference",
+    "empty_cpu_block_cache",
     "grad_norm_and_nonfinite",
     "resolve_backend",
+    "set_cpu_block_cache_limit",
     "stable_dfl_loss",
 ]

@@ -21,7 +21,7 @@ def suite_json(path: Path, seconds: list[float], peak_mb: float) -> Path:
             "stats": {"data": seconds},
         },
         {
-            "fullname": "test_dfl_peak_extra_memory[stable_dfl]",
+            "fullname": "test_dfl_extra_memory[stable_dfl-peak_extra_mb]",
             "extra_info": {
                 **info,
                 "x": 537600,

@@ -11,6 +11,9 @@ from .backends import (
     Backend,
     BackendName,
     BackendUnavailableError,
+    cpu_block_cache_info,
+    empty_cpu_block_cache,
+    set_cpu_block_cache_limit,
     unavailable_reason,
 )
 from .dfl import dfl_rows, resolve_backend
@@ -26,10 +29,13 @@ __all__ = [
     "Backend",
     "BackendName",
     "BackendUnavailableError",
+    "cpu_block_cache_info",
     "dfl_reference",
     "dfl_rows",
+    "empty_cpu_block_cache",
     "grad_norm_and_nonfinite",
     "grad_sumsq_nonfinite",
     "resolve_backend",
+    "set_cpu_block_cache_limit",
     "unavailable_reason",
 ]

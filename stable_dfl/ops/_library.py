@@ -81,6 +81,30 @@ def cpu_kernel_isas() -> tuple[str, ...]:
     return _C.cpu_kernel_isas()
 
 
+def cpu_block_cache_info() -> dict[str, int] | None:
+    """The limit, contents and counters of the CPU op's block cache; None without the extension."""
+    if EXTENSION_ERROR is not None:
+        return None
+    from stable_dfl import _C
+
+    return _C.cpu_block_cache_info()
+
+
+def empty_cpu_block_cache() -> None:
+    """Frees the blocks the CPU op keeps for reuse (nothing to do without the extension)."""
+    if EXTENSION_ERROR is None:
+        from stable_dfl import _C
+
+        _C.empty_cpu_block_cache()
+
+
+def set_cpu_block_cache_limit(limit_bytes: int) -> None:
+    """Sets the most bytes the CPU op keeps for reuse; needs the extension."""
+    from stable_dfl import _C
+
+    _C.set_cpu_block_cache_limit(limit_bytes)
+
+
 if EXTENSION_ERROR is not None:
     warnings.warn(
         "stable_dfl: the compiled extension stable_dfl._C could not be loaded "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -105,6 +106,44 @@ def runnable_cpu_levels() -> tuple[str, ...]:
     in this process's environment; () without the extension."""
     isa = cpu_kernel_isa()
     return () if isa is None else CPU_LEVELS[: CPU_LEVELS.index(isa) + 1]
+
+
+def cpu_block_cache_info() -> dict[str, int] | None:
+    """The compiled CPU op's cache of large buffers: ``limit_bytes``, ``cached_bytes``,
+    ``cached_blocks``, and the counts of requests served from a kept block (``reused``) and
+    from fresh memory (``allocated``). None without the compiled extension.
+
+    A training step's DFL gradient on the CPU is tens of MB, freed when the step ends and asked
+    for again, same size, by the next step; malloc maps memory that large fresh on every request
+    and unmaps it on free, so each step would pay a page fault and the zeroing of every page.
+    The CPU op therefore takes buffers of 4 MiB or more from the blocks earlier ones released,
+    as torch's caching allocator does on CUDA: a block serves a request of up to a quarter less
+    than its size, and at most ``limit_bytes`` are kept while no tensor uses them (512 MiB,
+    unless ``STABLE_DFL_CPU_CACHE_MB`` says otherwise when the cache is first used; 0 keeps
+    nothing).
+    """
+    return _library.cpu_block_cache_info()
+
+
+def empty_cpu_block_cache() -> None:
+    """Frees every block the CPU op keeps for reuse (buffers in use stay, and are kept again on
+    release while the limit allows). Does nothing without the compiled extension."""
+    _library.empty_cpu_block_cache()
+
+
+def set_cpu_block_cache_limit(limit_bytes: int) -> None:
+    """Keeps at most ``limit_bytes`` of released blocks from now on (0: none) and frees the
+    oldest kept blocks beyond it. Raises BackendUnavailableError without the compiled
+    extension."""
+    if isinstance(limit_bytes, bool) or not isinstance(limit_bytes, numbers.Integral):
+        raise TypeError(f"limit_bytes must be an int, got {type(limit_bytes).__name__}")
+    if limit_bytes < 0:
+        raise ValueError(f"limit_bytes must be >= 0, got {limit_bytes}")
+    if _library.EXTENSION_ERROR is not None:
+        raise BackendUnavailableError(
+            f"the compiled extension stable_dfl._C is not loaded ({_library.EXTENSION_ERROR})"
+        )
+    _library.set_cpu_block_cache_limit(int(limit_bytes))
 
 
 @functools.cache
