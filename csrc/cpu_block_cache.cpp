@@ -23,6 +23,7 @@
 #include <vector>
 
 #ifdef __linux__
+#include <pthread.h>
 #include <sys/mman.h>
 #endif
 
@@ -77,6 +78,11 @@ class BlockCache {
     static auto* cache = new BlockCache(limit_from_environment());
     return *cache;
   }
+
+  // A child forked while another thread held the lock would wait for it forever: fork waits
+  // for the lock instead, and both sides release it after.
+  void lock_for_fork() { mutex_.lock(); }
+  void unlock_after_fork() { mutex_.unlock(); }
 
   Block* acquire(size_t requested_bytes) {
     // Whole huge pages, so that requests a little apart in size share blocks.
@@ -166,7 +172,12 @@ class BlockCache {
   }
 
  private:
-  explicit BlockCache(int64_t limit_bytes) : limit_bytes_(limit_bytes) {}
+  explicit BlockCache(int64_t limit_bytes) : limit_bytes_(limit_bytes) {
+#ifdef __linux__
+    pthread_atfork([] { instance().lock_for_fork(); }, [] { instance().unlock_after_fork(); },
+                   [] { instance().unlock_after_fork(); });
+#endif
+  }
 
   // Oldest first; the caller frees them once the lock is released.
   void trim_to_limit(std::vector<Block*>& evicted) {

@@ -212,3 +212,39 @@ def test_concurrent_steps_get_their_own_correct_gradients():
         thread.join()
     assert failures == []
     assert stable_dfl.cpu_block_cache_info()["cached_blocks"] <= len(cases)
+
+
+def test_the_profiler_sees_a_reused_gradients_memory():
+    pred, target, _ = random_case(ROWS_8_MIB, 16, torch.float32)
+    op_grad(pred, target)  # the block the profiled call reuses
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        grad = op_grad(pred, target)
+    assert stable_dfl.cpu_block_cache_info()["reused"] >= 1
+    allocated = max(event.cpu_memory_usage for event in prof.key_averages())
+    assert allocated >= grad.nbytes
+
+
+def _gradient_in_forked_child(queue, pred, target, expected):
+    torch.set_num_threads(1)
+    before = stable_dfl.cpu_block_cache_info()["reused"]
+    grad = op_grad(pred, target)
+    queue.put((torch.equal(grad, expected), stable_dfl.cpu_block_cache_info()["reused"] - before))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
+def test_a_forked_child_reuses_the_blocks_it_inherited():
+    import multiprocessing
+
+    pred, target, _ = random_case(ROWS_8_MIB, 16, torch.float32)
+    expected = op_grad(pred, target).clone()
+    op_grad(pred, target)  # leaves one block kept
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_gradient_in_forked_child, args=(queue, pred, target, expected))
+    child.start()
+    correct, reused = queue.get(timeout=120)
+    child.join(timeout=120)
+    assert child.exitcode == 0
+    assert correct and reused == 1
