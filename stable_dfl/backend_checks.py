@@ -120,7 +120,31 @@ def installation() -> dict[str, Any]:
         "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_kernel_isa": backends.cpu_kernel_isa(),
         "cpu_kernel_isas": list(backends.cpu_kernel_isas()),
+        "cpu_block_cache": cpu_block_cache_limit(),
     }
+
+
+def cpu_block_cache_limit() -> dict[str, Any]:
+    """The CPU op's block cache limit (``limit_bytes``; None without the extension), or
+    ``error``: why the environment's STABLE_DFL_CPU_CACHE_MB is refused."""
+    try:
+        info = backends.cpu_block_cache_info()
+    except ValueError as error:
+        return {"limit_bytes": None, "error": str(error)}
+    return {"limit_bytes": None if info is None else info["limit_bytes"], "error": None}
+
+
+def cpu_block_cache_line(summary: dict[str, Any]) -> str:
+    """'up to 512 MiB of released gradient blocks kept for reuse (...)', or what is wrong."""
+    cache = summary["cpu_block_cache"]
+    if cache["error"] is not None:
+        return f"refused: {cache['error']}"
+    if cache["limit_bytes"] is None:
+        return "none (the compiled extension is not loaded)"
+    return (
+        f"up to {cache['limit_bytes'] / 2**20:g} MiB of released gradient blocks kept for reuse "
+        "(STABLE_DFL_CPU_CACHE_MB sets it; 0 keeps none)"
+    )
 
 
 def cpu_kernel_line(summary: dict[str, Any]) -> str:

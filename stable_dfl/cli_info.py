@@ -12,6 +12,7 @@ from .backend_checks import (
     agreement,
     agrees,
     backend_availability,
+    cpu_block_cache_line,
     cpu_kernel_line,
     installation,
 )
@@ -68,6 +69,7 @@ def run_info(argv: list[str] | None = None) -> int:
     else:
         print(f"extension  not loaded: {extension['error']}")
     print(f"cpu kernel {cpu_kernel_line(summary)}")
+    print(f"cpu cache  {cpu_block_cache_line(summary)}")
     print()
     for row in backends:
         label = f"{row['backend']:>9} on {row['device']:<4}"

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import stable_dfl
@@ -27,6 +30,29 @@ def test_info_lists_backends_and_checks_agreement():
     if backends.compiled_available("cpu"):
         assert "cpu on cpu   OK" in out.stdout
     assert "cuda on cpu   not usable" in out.stdout
+
+
+def run_info_json(**environment: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "stable_dfl", "info", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **environment},
+    )
+
+
+@pytest.mark.skipif(not backends.compiled_available("cpu"), reason="needs stable_dfl._C")
+def test_info_reports_the_cpu_block_cache_limit_and_a_refused_setting():
+    out = run_info_json(STABLE_DFL_CPU_CACHE_MB="64")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["cpu_block_cache"] == {"limit_bytes": 64 << 20, "error": None}
+    out = run_info_json(STABLE_DFL_CPU_CACHE_MB="64MB")
+    cache = json.loads(out.stdout)["cpu_block_cache"]
+    assert cache["limit_bytes"] is None
+    assert (
+        "STABLE_DFL_CPU_CACHE_MB must be a whole number of MiB >= 0, got '64MB'" in cache["error"]
+    )
 
 
 def test_import_without_extension_warns_once_and_falls_back_to_reference():
