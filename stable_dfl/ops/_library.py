@@ -7,6 +7,7 @@ through :mod:`.backends`.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -56,6 +57,9 @@ def _load_extension() -> str | None:
 EXTENSION_ERROR = _load_extension()
 
 
+# The extension registers its kernels when it loads, once: the answer is fixed for the process
+# (and asking the dispatcher costs more than a small DFL call's arithmetic).
+@functools.cache
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """True when the loaded extension registered a ``dispatch_key`` kernel of ``stable_dfl::op``."""
     return EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(

@@ -13,6 +13,8 @@ through the same graph any number of times.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from . import backends
@@ -184,6 +186,12 @@ class DFLRows(torch.autograd.Function):
         dtype = compute_dtype(pred.dtype)
         row_tangent = (row_grad.to(dtype) * pred_tangent.to(dtype)).sum(-1)
         return row_tangent.sum() if ctx.reduce_sum else row_tangent
+
+
+# autograd.Function.apply binds its arguments to forward's signature with inspect.signature on
+# every call (setup_context is separate from forward), which computes the signature anew each
+# time unless the function carries one: computed once here, it saves about 20 us per call.
+DFLRows.forward.__signature__ = inspect.signature(DFLRows.forward)
 
 
 def _batched_dfl_forward(op_name: str):
