@@ -75,6 +75,24 @@ def test_import_without_extension_warns_once_and_falls_back_to_reference():
     assert out.stdout.strip().endswith("reference")
 
 
+def test_without_extension_there_is_no_cpu_block_cache_to_size():
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['stable_dfl._C'] = None\n"
+        "warnings.simplefilter('ignore')\n"
+        "import stable_dfl\n"
+        "assert stable_dfl.cpu_block_cache_info() is None\n"
+        "stable_dfl.empty_cpu_block_cache()  # nothing kept, nothing to do\n"
+        "try:\n"
+        "    stable_dfl.set_cpu_block_cache_limit(0)\n"
+        "except stable_dfl.BackendUnavailableError as error:\n"
+        "    print(error)\n"
+    )
+    out = run_python(code)
+    assert out.returncode == 0, out.stderr
+    assert "the compiled extension stable_dfl._C is not loaded" in out.stdout
+
+
 def test_extension_built_for_another_torch_is_refused_in_one_line(tmp_path):
     """An install whose _C was compiled against another torch is not loaded (an undefined
     symbol at best): one line says so and what to do, and the package runs on the reference."""
