@@ -248,3 +248,23 @@ def test_a_forked_child_reuses_the_blocks_it_inherited():
     child.join(timeout=120)
     assert child.exitcode == 0
     assert correct and reused == 1
+
+
+def test_compiled_training_steps_reuse_blocks_and_match_eager():
+    pred, target, weight = random_case(ROWS_8_MIB, 16, torch.float32, weighted=True)
+    eager = training_step(pred.clone().requires_grad_(), target, weight)
+    compiled_loss = torch.compile(
+        lambda p: stable_dfl_loss(p, target, weight, backend="cpu"), fullgraph=True
+    )
+
+    def compiled_step():
+        leaf = pred.clone().requires_grad_()
+        compiled_loss(leaf).backward()
+        return leaf.grad
+
+    first = compiled_step()
+    first_address, first_values = first.data_ptr(), first.clone()
+    del first
+    second = compiled_step()
+    assert second.data_ptr() == first_address
+    assert torch.equal(first_values, eager) and torch.equal(second, eager)
