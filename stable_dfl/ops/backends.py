@@ -140,9 +140,7 @@ def set_cpu_block_cache_limit(limit_bytes: int) -> None:
     if limit_bytes < 0:
         raise ValueError(f"limit_bytes must be >= 0, got {limit_bytes}")
     if _library.EXTENSION_ERROR is not None:
-        raise BackendUnavailableError(
-            f"the compiled extension stable_dfl._C is not loaded ({_library.EXTENSION_ERROR})"
-        )
+        raise BackendUnavailableError(_extension_not_loaded())
     _library.set_cpu_block_cache_limit(int(limit_bytes))
 
 
@@ -163,13 +161,17 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _extension_not_loaded() -> str:
+    return f"the compiled extension stable_dfl._C is not loaded ({_library.EXTENSION_ERROR})"
+
+
 def _compiled_reason(backend: str, device: torch.device, family: str) -> str | None:
     if device.type != backend:
         return f"backend {backend!r} runs on {backend.upper()} tensors, got tensors on {device}"
     if backend == "cuda" and not torch.cuda.is_available():
         return "no CUDA GPU is available to this process"
     if _library.EXTENSION_ERROR is not None:
-        return f"the compiled extension stable_dfl._C is not loaded ({_library.EXTENSION_ERROR})"
+        return _extension_not_loaded()
     if compiled_available(backend, family):
         return None
     if backend == "cuda":
