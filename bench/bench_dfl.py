@@ -30,6 +30,7 @@ row's ``device``.
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 from collections.abc import Callable
@@ -103,6 +104,8 @@ def make_step(provider: str, mode: str, pred, target, weight) -> Callable[[], ob
     return common.loss_step(make_loss_fn(provider), mode, pred, target, weight)
 
 
+# One measurement gives both metrics, which the suite records as two cases.
+@functools.cache
 def extra_memory_mb(provider: str, n_rows: int, dtype_name: str) -> dict[str, float]:
     """RSS growth of one fwd+bwd after the inputs exist, measured in a fresh process:
     ``peak_extra_mb`` at its peak (Linux: the high-water mark is reset through
