@@ -1,7 +1,7 @@
-// Fused Distribution Focal Loss rows on the CPU, compiled once per SIMD level: one
-// pass over each row computes the max, the sum of exponentials, the loss and (when
-// asked) the gradient; rows of weight 0 skip all of it but a finiteness check. Threads
-// and the deterministic chunk sums live in dfl_cpu.cpp.
+// Fused Distribution Focal Loss rows on the CPU, compiled once per SIMD level: each row
+// is read once, for its max, its sum of exponentials and its target bins' logits, from
+// which its loss and (when asked) its gradient follow; rows of weight 0 skip all of it but
+// a finiteness check. Threads and the deterministic chunk sums live in dfl_cpu.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
@@ -141,8 +141,9 @@ inline SimdVec<float> exp_nonpositive(const SimdVec<float>& x) {
 }
 
 #else
-// Below AVX2 ATen's generic vector computes its exp and log by calling libm lane by lane: those
-// two are lane loops the compiler vectorises instead, for whatever SIMD the target has. On
+// Below AVX2 ATen's generic vector computes its exp by calling libm lane by lane: exp is a
+// lane loop the compiler vectorises instead, for whatever SIMD the target has (log is one on
+// every level, below). On
 // x86-64 (SSE2 is part of it) its compares, max, min and floor are scalar code too (a NaN test
 // and a memset per lane), so those helpers are SSE2 instructions on each half of the 8 lanes;
 // elsewhere ATen's own vectors (NEON on ARM) serve them.
@@ -240,9 +241,13 @@ inline SimdVec<float> exp_nonpositive(const SimdVec<float>& x) {
   return SimdVec<float>::loadu(out);
 }
 
-// For the one log a row takes, of its sum of exps: a normal number >= 1, or NaN. Cephes' logf:
-// x = m 2^e with m in [sqrt(1/2), sqrt(2)), log(1 + f) by a degree-9 polynomial in f = m - 1;
-// under 1 ulp on [1, 128].
+#endif
+
+// For the one log a row takes, of its sum of exps: a normal number in [1, n_bins], or NaN.
+// Cephes' logf: x = m 2^e with m in [sqrt(1/2), sqrt(2)), log(1 + f) by a degree-9 polynomial
+// in f = m - 1; under 1 ulp on [1, 128]. A lane loop the compiler vectorises for the level's
+// SIMD, inlined: ATen's log is a call into Sleef on AVX2/AVX-512 (around which the block's live
+// registers are spilled) and libm lane by lane below them.
 inline SimdVec<float> math_log(const SimdVec<float>& x) {
   constexpr int kLanes = SimdVec<float>::size();
   constexpr float kLogPoly[9] = {7.0376836292e-2f,  -1.1514610310e-1f, 1.1676998740e-1f,
@@ -269,13 +274,61 @@ inline SimdVec<float> math_log(const SimdVec<float>& x) {
   }
   return SimdVec<float>::loadu(out);
 }
-#endif
 }  // namespace stable_dfl
 
 #include "../dfl_row.h"
 
 namespace stable_dfl::cpu {
 namespace {
+
+// Below AVX2 the vector helpers are lane loops, which the compiler may keep out of line, each
+// call then sending its vectors through memory (50% slower as measured): the kernel passes
+// inline every call, however large. Above, the intrinsics inline as they are.
+#if defined(__GNUC__) && !defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+#define SDFL_FLATTEN __attribute__((flatten))
+#else
+#define SDFL_FLATTEN
+#endif
+
+#if defined(CPU_CAPABILITY_AVX512)
+// The 16 x 16 fp32 transpose of ATen's transpose_block (32-bit and 64-bit unpacks, then two
+// rounds of 128-bit lane shuffles), forced inline on registers: where the compiler leaves
+// ATen's as a call, the block goes through memory, copied twice.
+C10_ALWAYS_INLINE void transpose_16x16(__m512 (&r)[16]) {
+  __m512 t[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  const auto unpack_pairs = [](__m512 a, __m512 b, bool high) {
+    const __m512d a_pairs = _mm512_castps_pd(a);
+    const __m512d b_pairs = _mm512_castps_pd(b);
+    return _mm512_castpd_ps(high ? _mm512_unpackhi_pd(a_pairs, b_pairs)
+                                 : _mm512_unpacklo_pd(a_pairs, b_pairs));
+  };
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = unpack_pairs(t[i], t[i + 2], false);
+    r[i + 1] = unpack_pairs(t[i], t[i + 2], true);
+    r[i + 2] = unpack_pairs(t[i + 1], t[i + 3], false);
+    r[i + 3] = unpack_pairs(t[i + 1], t[i + 3], true);
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; i += 8) {
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) {
+      t[i + k] = _mm512_shuffle_f32x4(r[i + k], r[i + k + 4], 0x88);
+      t[i + k + 4] = _mm512_shuffle_f32x4(r[i + k], r[i + k + 4], 0xdd);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+#endif
 
 // dst[j * ld_dst + i] = src[i * ld_src + j] for i < m, j < n. ATen's transpose of a run-time
 // size is SIMD on AVX-512 only; fp32 tiles of whole SIMD blocks (a full block of 16 bins) take
@@ -295,7 +348,19 @@ inline void transpose_tile(const T* src, int64_t ld_src, T* dst, int64_t ld_dst,
       return;
     }
   }
-#elif !defined(CPU_CAPABILITY_AVX512) && defined(__SSE2__)
+#elif defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    if (m == 16 && n == 16) {
+      __m512 r[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld_src);
+      transpose_16x16(r);
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j) _mm512_storeu_ps(dst + j * ld_dst, r[j]);
+      return;
+    }
+  }
+#elif defined(__SSE2__)
   if constexpr (std::is_same_v<T, float>) {
     if (m % 4 == 0 && n % 4 == 0) {
       for (int i = 0; i < m; i += 4) {
@@ -321,6 +386,11 @@ inline void transpose_tile(const T* src, int64_t ld_src, T* dst, int64_t ld_dst,
 // Rows are processed in blocks of one SIMD vector's width, transposed so that
 // each lane holds one row: the max, exp, sum and the per-row scalar math of
 // dfl_row.h all run vertically, with no horizontal reductions.
+// A call takes a batch of up to batch_rows() rows in three passes: the reductions of every
+// block (max, sum of exps, target logits), then the per-row tail of every block (log, loss,
+// gradient terms), then, when asked, the gradients. The tail is a chain of dependent
+// operations (the log's polynomial above all); run block after block in a short loop, the
+// chains of several blocks overlap, where after each block's reductions they would not.
 // kBins > 0 fixes the bin count at compile time (the common 16), so that the loops over bins
 // unroll and their accumulators stay in registers; kBins == 0 takes it at run time.
 template <typename scalar_t, typename acc_t, int kBins>
@@ -330,12 +400,30 @@ struct BlockKernel {
   using IndexVec = at::vec::Vectorized<Index>;
   static constexpr int kLanes = Vec::size();
   static_assert(IndexVec::size() == kLanes, "one gather index per lane");
+  // A batch is up to two blocks, as many as the staged values of one block of the widest rows
+  // hold. More crowd the rows being read out of L1: four measured no faster, sixteen slower
+  // than one.
+  static constexpr int kStagedValues = kMaxBins * kLanes;
+  static constexpr int kMaxBlocks = 2;
+  static constexpr int kMaxRows = kMaxBlocks * kLanes;
 
   const int dynamic_bins;
+  const int blocks_per_batch;
   const Vec log_eps;
   const Vec upper_limit;
-  // cols[j * kLanes + i]: bin j of the block's row i (logits, then exp, then gradient).
-  alignas(64) acc_t cols[kMaxBins * kLanes];
+  // staged[b * n_bins * kLanes + j * kLanes + i]: bin j of row i of the batch's block b
+  // (logits, then exps, then gradient).
+  alignas(64) acc_t staged[kStagedValues];
+  // Per row of the batch: its max logit, its sum of exps (NaN for a non-finite row), the
+  // logits of its two target bins, and the terms of its gradient (dfl_row.h's RowResult).
+  alignas(64) acc_t row_max[kMaxRows];
+  alignas(64) acc_t sum_exp[kMaxRows];
+  alignas(64) acc_t x_left[kMaxRows];
+  alignas(64) acc_t x_right[kMaxRows];
+  alignas(64) acc_t bin_left[kMaxRows];
+  alignas(64) acc_t grad_scale[kMaxRows];
+  alignas(64) acc_t grad_left[kMaxRows];
+  alignas(64) acc_t grad_right[kMaxRows];
   alignas(64) acc_t lanes[kLanes];
   // Row-major [kLanes, n_bins] staging tile for fp16/bf16 rows widened to acc_t.
   alignas(64) acc_t tile[kMaxBins * kLanes];
@@ -345,6 +433,7 @@ struct BlockKernel {
 
   BlockKernel(int n_bins, acc_t log_eps_)
       : dynamic_bins(n_bins),
+        blocks_per_batch(std::min(kMaxBlocks, kStagedValues / (n_bins * kLanes))),
         log_eps(log_eps_),
         upper_limit(target_upper_limit<acc_t>(n_bins)),
         full_row_starts(partial_row_starts(kLanes, n_bins)) {}
@@ -416,13 +505,14 @@ struct BlockKernel {
   }
 
   // Full blocks of 16 fp16/bf16 rows of 16 bins on AVX-512: widened to fp32 and transposed in
-  // registers straight into cols, with no row-major fp32 copy in between (target_logits reads
-  // such blocks from the 16-bit rows). False elsewhere.
-  bool widen_transposed(const scalar_t* logits, int count) {
+  // registers straight into the staged block cols, with no row-major fp32 copy in between
+  // (target_logits reads such blocks from the 16-bit rows). False elsewhere.
+  bool widen_transposed(const scalar_t* logits, int count, acc_t* cols) {
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (kBins == 16 && kLanes == 16 && std::is_same_v<acc_t, float>) {
       if (count != kLanes) return false;
-      at::vec::VectorizedN<float, 16> block;
+      __m512 block[16];
+#pragma GCC unroll 16
       for (int i = 0; i < 16; ++i) {
         const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(logits + i * 16));
         if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
@@ -431,28 +521,55 @@ struct BlockKernel {
           block[i] = _mm512_cvtph_ps(raw);
         }
       }
-      at::vec::transpose_block(block);
-      for (int j = 0; j < 16; ++j) block[j].store(cols + j * kLanes);
+      transpose_16x16(block);
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j) _mm512_storeu_ps(cols + j * kLanes, block[j]);
       return true;
     }
 #endif
     (void)logits;
     (void)count;
+    (void)cols;
     return false;
   }
 
-  // Rows [0, count) of the block starting at `logits`; writes each row's loss
-  // to loss_out[i] and, when grad is not null, the rows' gradients.
+  int batch_rows() const { return blocks_per_batch * kLanes; }
+
+  // Rows [0, count) of the batch starting at `logits`, count <= batch_rows(); writes each
+  // row's loss to loss_out[i] and, when grad is not null, the rows' gradients.
   void operator()(const scalar_t* logits, const acc_t* target, const acc_t* weight, int count,
                   acc_t* loss_out, scalar_t* grad) {
     const int n_bins = kBins > 0 ? kBins : dynamic_bins;
+    const bool keep_exp = grad != nullptr;
+    for (int first = 0; first < count; first += kLanes) {
+      reduce_block(logits + static_cast<int64_t>(first) * n_bins, target + first,
+                   std::min(kLanes, count - first), first, keep_exp);
+    }
+    for (int first = 0; first < count; first += kLanes) {
+      finish_block(target + first, weight != nullptr ? weight + first : nullptr,
+                   std::min(kLanes, count - first), first, loss_out + first, keep_exp);
+    }
+    if (grad == nullptr) return;
+    for (int first = 0; first < count; first += kLanes) {
+      write_gradient_block(std::min(kLanes, count - first), first,
+                           grad + static_cast<int64_t>(first) * n_bins);
+    }
+  }
+
+  // The first pass over the block of `count` rows that is the batch's rows [first, first +
+  // count): transposed into its staged block, its max, its sum of exps (the exps kept in the
+  // staged block when keep_exp) and its target bins' logits.
+  SDFL_FLATTEN void reduce_block(const scalar_t* logits, const acc_t* target, int count, int first,
+                                 bool keep_exp) {
+    const int n_bins = kBins > 0 ? kBins : dynamic_bins;
+    acc_t* cols = staged + first * n_bins;
     // The block's rows are contiguous: widen them in one vectorised pass (or in registers, as
     // they are transposed), then transpose the tile with SIMD shuffles. rows: the widened rows,
     // null where they went to cols directly.
     const acc_t* rows = nullptr;
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       rows = logits;
-    } else if (!widen_transposed(logits, count)) {
+    } else if (!widen_transposed(logits, count, cols)) {
       at::vec::convert(logits, tile, static_cast<int64_t>(count) * n_bins);
       rows = tile;
     }
@@ -462,15 +579,13 @@ struct BlockKernel {
     }
     const Vec zero(acc_t(0));
     const Vec one(acc_t(1));
-    const Vec t = load_lanes(target, count);
-    const Vec w = weight != nullptr ? load_lanes(weight, count) : one;
-    const TwoHot<Vec> th = two_hot(t, zero, one, upper_limit);
-    const Vec right = th.left + one;
+    const TwoHot<Vec> th = two_hot(load_lanes(target, count), zero, one, upper_limit);
+    th.left.store(bin_left + first);
 
     // Four independent max chains and two sum chains over the bins: with a single chain each
     // max and add would wait on the latency of the one before it.
-    const Vec first = Vec::loadu(cols);
-    Vec max_chain[4] = {first, first, first, first};
+    const Vec first_bin = Vec::loadu(cols);
+    Vec max_chain[4] = {first_bin, first_bin, first_bin, first_bin};
     int j = 1;
     for (; j + 4 <= n_bins; j += 4) {
       for (int k = 0; k < 4; ++k)
@@ -478,18 +593,19 @@ struct BlockKernel {
     }
     for (; j < n_bins; ++j)
       max_chain[0] = max_of_finite(max_chain[0], Vec::loadu(cols + j * kLanes));
-    const Vec row_max = max_of_finite(max_of_finite(max_chain[0], max_chain[1]),
-                                      max_of_finite(max_chain[2], max_chain[3]));
+    const Vec max = max_of_finite(max_of_finite(max_chain[0], max_chain[1]),
+                                  max_of_finite(max_chain[2], max_chain[3]));
+    max.store(row_max + first);
 
     // The two target bins' logits, read from the row-major rows; the clamp keeps the index in
     // range for a NaN target, whose row the poison term makes NaN.
-    const IndexVec bin_left = at::vec::minimum(
+    const IndexVec left_index = at::vec::minimum(
         at::vec::maximum(at::vec::convert_to_int_of_same_size(th.left), IndexVec(0)),
         IndexVec(static_cast<Index>(n_bins - 2)));
-    const auto [x_left, x_right] = target_logits(logits, rows, bin_left, count, n_bins);
+    const auto [left, right] = target_logits(logits, rows, left_index, count, n_bins);
+    left.store(x_left + first);
+    right.store(x_right + first);
 
-    // The exps are kept for the gradient only.
-    const bool keep_exp = grad != nullptr;
     Vec sum_even = zero;
     Vec sum_odd = zero;
     Vec poison = zero;
@@ -497,8 +613,8 @@ struct BlockKernel {
       const Vec x = Vec::loadu(cols + bin * kLanes);
       poison = at::vec::fmadd(x, zero, poison);  // x * 0 is NaN for a NaN or infinite x
       // Exact at 0, so sum_exp >= 1; NaN/Inf rows are caught by the poison term, not by exp.
-      const Vec e = exp_nonpositive(x - row_max);
-      if (keep_exp) e.store(cols + bin * kLanes);
+      const Vec e = exp_nonpositive(x - max);
+      if (keep_exp) e.store(cols + bin * kLanes);  // kept for the gradient only
       return e;
     };
     for (j = 0; j + 2 <= n_bins; j += 2) {
@@ -506,17 +622,45 @@ struct BlockKernel {
       sum_odd = sum_odd + exp_of_bin(j + 1);
     }
     if (j < n_bins) sum_even = sum_even + exp_of_bin(j);
-    const Vec sum_exp = (sum_even + sum_odd) + poison;
-    const RowResult<Vec> r =
-        finish_row(th, x_left - row_max, x_right - row_max, sum_exp, w, t, log_eps);
-    r.loss.store(loss_out, count);
-    if (grad == nullptr) return;
+    ((sum_even + sum_odd) + poison).store(sum_exp + first);
+  }
 
+  // The per-row tail of the batch's rows [first, first + count): their losses and, when
+  // keep_terms, their gradient terms.
+  SDFL_FLATTEN void finish_block(const acc_t* target, const acc_t* weight, int count, int first,
+                                 acc_t* loss_out, bool keep_terms) {
+    const Vec zero(acc_t(0));
+    const Vec one(acc_t(1));
+    const Vec t = load_lanes(target, count);
+    const Vec w = weight != nullptr ? load_lanes(weight, count) : one;
+    const TwoHot<Vec> th = two_hot(t, zero, one, upper_limit);
+    const Vec max = Vec::loadu(row_max + first);
+    const RowResult<Vec> r =
+        finish_row(th, Vec::loadu(x_left + first) - max, Vec::loadu(x_right + first) - max,
+                   Vec::loadu(sum_exp + first), w, t, log_eps);
+    r.loss.store(loss_out, count);
+    if (!keep_terms) return;
+    r.grad_scale.store(grad_scale + first);
+    r.grad_left.store(grad_left + first);
+    r.grad_right.store(grad_right + first);
+  }
+
+  // The gradients of the batch's rows [first, first + count), from the exps kept in their
+  // staged block, written row-major to grad.
+  SDFL_FLATTEN void write_gradient_block(int count, int first, scalar_t* grad) {
+    const int n_bins = kBins > 0 ? kBins : dynamic_bins;
+    acc_t* cols = staged + first * n_bins;
+    const Vec one(acc_t(1));
+    const Vec left = Vec::loadu(bin_left + first);
+    const Vec right = left + one;
+    const Vec scale = Vec::loadu(grad_scale + first);
+    const Vec minus_left = Vec::loadu(grad_left + first);
+    const Vec minus_right = Vec::loadu(grad_right + first);
     for (int j = 0; j < n_bins; ++j) {
       const Vec bin(static_cast<acc_t>(j));
       const Vec e = Vec::loadu(cols + j * kLanes);
-      const Vec g = minus_where_equal(
-          minus_where_equal(e * r.grad_scale, bin, th.left, r.grad_left), bin, right, r.grad_right);
+      const Vec g = minus_where_equal(minus_where_equal(e * scale, bin, left, minus_left), bin,
+                                      right, minus_right);
       g.store(cols + j * kLanes);
     }
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
@@ -564,11 +708,39 @@ bool all_finite(const scalar_t* values, int64_t count) {
   return found == 0;
 }
 
+// The sum of a chunk's row losses in double, the rows taken in order into four interleaved
+// partial sums: with one running sum each addition would wait on the one before it. The order
+// is fixed, so a chunk's sum has the same bits whatever the thread count.
+class RowLossSum {
+ public:
+  template <typename T>
+  void add(const T* values, int count) {
+    int k = 0;
+    for (; k < count && added_ % 4 != 0; ++k, ++added_) partial_[added_ % 4] += values[k];
+    double p0 = partial_[0], p1 = partial_[1], p2 = partial_[2], p3 = partial_[3];
+    for (; k + 4 <= count; k += 4, added_ += 4) {
+      p0 += static_cast<double>(values[k]);
+      p1 += static_cast<double>(values[k + 1]);
+      p2 += static_cast<double>(values[k + 2]);
+      p3 += static_cast<double>(values[k + 3]);
+    }
+    partial_[0] = p0;
+    partial_[1] = p1;
+    partial_[2] = p2;
+    partial_[3] = p3;
+    for (; k < count; ++k, ++added_) partial_[added_ % 4] += values[k];
+  }
+  double total() const { return (partial_[0] + partial_[1]) + (partial_[2] + partial_[3]); }
+
+ private:
+  double partial_[4] = {0.0, 0.0, 0.0, 0.0};
+  int64_t added_ = 0;
+};
+
 template <typename scalar_t, int kBins>
 struct RowsTyped {
   using acc_t = at::opmath_type<scalar_t>;
   using Kernel = BlockKernel<scalar_t, acc_t, kBins>;
-  static constexpr int kLanes = Kernel::kLanes;
 
   const int n_bins;
   // A row's size, a constant where kBins fixes it (row copies then compile to a few moves).
@@ -589,25 +761,25 @@ struct RowsTyped {
         grad(static_cast<scalar_t*>(args.grad)),
         kernel(args.n_bins, static_cast<acc_t>(args.log_eps)) {}
 
-  // Every row through the block kernel, kLanes consecutive rows at a time.
+  // Every row through the kernel, a batch of consecutive rows at a time.
   double all_rows(int64_t begin, int64_t end) {
-    acc_t block_loss[kLanes];
-    double sum = 0.0;
-    for (int64_t i = begin; i < end; i += kLanes) {
-      const int count = static_cast<int>(std::min<int64_t>(kLanes, end - i));
-      acc_t* loss_out = row_loss != nullptr ? row_loss + i : block_loss;
+    alignas(64) acc_t batch_loss[Kernel::kMaxRows];
+    RowLossSum sum;
+    for (int64_t i = begin; i < end; i += kernel.batch_rows()) {
+      const int count = static_cast<int>(std::min<int64_t>(kernel.batch_rows(), end - i));
+      acc_t* loss_out = row_loss != nullptr ? row_loss + i : batch_loss;
       kernel(pred + i * n_bins, target + i, weight != nullptr ? weight + i : nullptr, count,
              loss_out, grad != nullptr ? grad + i * n_bins : nullptr);
-      for (int k = 0; k < count; ++k) sum += static_cast<double>(loss_out[k]);
+      sum.add(loss_out, count);
     }
-    return sum;
+    return sum.total();
   }
 
   // Rows of weight 0 (masked-out anchors) have loss 0 and gradient 0 unless their logits
   // or target are not finite (then NaN, as in the reference): no exp, no log, only one
-  // finiteness sweep over the range and the zero writes. The other rows are gathered kLanes
-  // at a time into the block kernel, whose lanes are independent, so each row gets the bits
-  // it would get anyway; the sum still adds them in row order.
+  // finiteness sweep over the range and the zero writes. The other rows are gathered a batch
+  // at a time into the kernel, whose lanes are independent, so each row gets the bits it
+  // would get anyway; the sum takes them in row order.
   double weighted_rows(int64_t begin, int64_t end) {
     const int64_t n_rows = end - begin;
     if (std::count(weight + begin, weight + end, acc_t(0)) == 0) return all_rows(begin, end);
@@ -615,28 +787,28 @@ struct RowsTyped {
         all_finite(pred + begin * n_bins, n_rows * n_bins) && all_finite(target + begin, n_rows);
     if (row_loss != nullptr) std::fill_n(row_loss + begin, n_rows, acc_t(0));
     if (grad != nullptr) std::fill_n(grad + begin * n_bins, n_rows * n_bins, scalar_t(0));
-    double sum = 0.0;
-    if (!range_finite) sum += poison_zero_weight_rows(begin, end);
+    const double poison = range_finite ? 0.0 : poison_zero_weight_rows(begin, end);
 
-    alignas(64) scalar_t gathered_pred[kMaxBins * kLanes];
-    alignas(64) scalar_t gathered_grad[kMaxBins * kLanes];
-    acc_t gathered_target[kLanes];
-    acc_t gathered_weight[kLanes];
-    acc_t block_loss[kLanes];
-    int64_t rows[kLanes];
+    alignas(64) scalar_t gathered_pred[Kernel::kStagedValues];
+    alignas(64) scalar_t gathered_grad[Kernel::kStagedValues];
+    alignas(64) acc_t gathered_target[Kernel::kMaxRows];
+    alignas(64) acc_t gathered_weight[Kernel::kMaxRows];
+    alignas(64) acc_t batch_loss[Kernel::kMaxRows];
+    int64_t rows[Kernel::kMaxRows];
+    RowLossSum sum;
     int64_t i = begin;
     while (true) {
       int count = 0;
       // Branch-free: every index is written and kept where the weight is not 0 (NaN weights
       // too: they poison their row); a branch would mispredict at every foreground edge.
-      for (; i < end && count < kLanes; ++i) {
+      for (; i < end && count < kernel.batch_rows(); ++i) {
         rows[count] = i;
         count += weight[i] != acc_t(0) ? 1 : 0;
       }
       if (count == 0) break;
       const int64_t first = rows[0];
       if (rows[count - 1] - first == count - 1) {  // consecutive rows: no copy
-        kernel(pred + first * n_bins, target + first, weight + first, count, block_loss,
+        kernel(pred + first * n_bins, target + first, weight + first, count, batch_loss,
                grad != nullptr ? grad + first * n_bins : nullptr);
       } else {
         for (int k = 0; k < count; ++k) {
@@ -644,7 +816,7 @@ struct RowsTyped {
           gathered_target[k] = target[rows[k]];
           gathered_weight[k] = weight[rows[k]];
         }
-        kernel(gathered_pred, gathered_target, gathered_weight, count, block_loss,
+        kernel(gathered_pred, gathered_target, gathered_weight, count, batch_loss,
                grad != nullptr ? gathered_grad : nullptr);
         if (grad != nullptr) {
           for (int k = 0; k < count; ++k) {
@@ -652,12 +824,12 @@ struct RowsTyped {
           }
         }
       }
-      for (int k = 0; k < count; ++k) {
-        sum += static_cast<double>(block_loss[k]);
-        if (row_loss != nullptr) row_loss[rows[k]] = block_loss[k];
+      sum.add(batch_loss, count);
+      if (row_loss != nullptr) {
+        for (int k = 0; k < count; ++k) row_loss[rows[k]] = batch_loss[k];
       }
     }
-    return sum;
+    return sum.total() + poison;
   }
 
   // The rows of weight 0 in [begin, end) whose logits or target are not finite: NaN loss
