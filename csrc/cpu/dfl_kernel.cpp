@@ -328,6 +328,30 @@ C10_ALWAYS_INLINE void transpose_16x16(__m512 (&r)[16]) {
     r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
   }
 }
+#elif defined(CPU_CAPABILITY_AVX2)
+// The 8 x 8 fp32 transpose in registers: 32-bit unpacks, 64-bit shuffles, 128-bit lane swaps.
+C10_ALWAYS_INLINE void transpose_8x8(__m256 (&r)[8]) {
+  __m256 t[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
+    t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) r[i] = t[i];
+}
 #endif
 
 // dst[j * ld_dst + i] = src[i * ld_src + j] for i < m, j < n. ATen's transpose of a run-time
@@ -475,10 +499,36 @@ struct BlockKernel {
       }
     }
 #endif
-    (void)logits;
 #if defined(CPU_CAPABILITY_AVX2)
-    // Eight 8-byte loads of the adjacent pair and four shuffles: faster than two gathers, which
-    // are slow on many AVX2 CPUs.
+    // fp16/bf16: eight 4-byte loads of the adjacent pair from the 16-bit rows (low half bin_left,
+    // high half bin_left + 1), widened in registers. fp32: eight 8-byte loads of the pair and
+    // four shuffles. Both faster than gathers, which are slow on many AVX2 CPUs.
+    if constexpr (std::is_same_v<acc_t, float> && sizeof(scalar_t) == 2) {
+      if (count == kLanes) {
+        alignas(32) int32_t bins[kLanes];
+        bin_left.store(bins);
+        const auto pair = [&](int i) {
+          int32_t bits;
+          std::memcpy(&bits, logits + i * n_bins + bins[i], sizeof(bits));
+          return bits;
+        };
+        const __m256i pairs = _mm256_setr_epi32(pair(0), pair(1), pair(2), pair(3), pair(4),
+                                                pair(5), pair(6), pair(7));
+        if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+          return {_mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16)),
+                  _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(0xffff0000)))};
+        } else {
+          // Each 128-bit lane's low halves, then its high halves; then the lanes' low halves
+          // together and their high halves together: 8 x fp16 each.
+          const __m256i halves = _mm256_shuffle_epi8(
+              pairs, _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4,
+                                      5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15));
+          const __m256i grouped = _mm256_permute4x64_epi64(halves, _MM_SHUFFLE(3, 1, 2, 0));
+          return {_mm256_cvtph_ps(_mm256_castsi256_si128(grouped)),
+                  _mm256_cvtph_ps(_mm256_extracti128_si256(grouped, 1))};
+        }
+      }
+    }
     if constexpr (std::is_same_v<acc_t, float>) {
       if (count == kLanes) {
         alignas(32) int32_t bins[kLanes];
@@ -498,15 +548,16 @@ struct BlockKernel {
       }
     }
 #endif
+    (void)logits;
     const IndexVec row_start =
         count == kLanes ? full_row_starts : partial_row_starts(count, n_bins);
     return {at::vec::gather<sizeof(acc_t)>(rows, row_start + bin_left),
             at::vec::gather<sizeof(acc_t)>(rows, row_start + bin_left + IndexVec(1))};
   }
 
-  // Full blocks of 16 fp16/bf16 rows of 16 bins on AVX-512: widened to fp32 and transposed in
-  // registers straight into the staged block cols, with no row-major fp32 copy in between
-  // (target_logits reads such blocks from the 16-bit rows). False elsewhere.
+  // Full blocks of fp16/bf16 rows of 16 bins on AVX-512 and AVX2: widened to fp32 and
+  // transposed in registers straight into the staged block cols, with no row-major fp32 copy in
+  // between (target_logits reads such blocks from the 16-bit rows). False elsewhere.
   bool widen_transposed(const scalar_t* logits, int count, acc_t* cols) {
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (kBins == 16 && kLanes == 16 && std::is_same_v<acc_t, float>) {
@@ -524,6 +575,34 @@ struct BlockKernel {
       transpose_16x16(block);
 #pragma GCC unroll 16
       for (int j = 0; j < 16; ++j) _mm512_storeu_ps(cols + j * kLanes, block[j]);
+      return true;
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (kBins == 16 && kLanes == 8 && std::is_same_v<acc_t, float>) {
+      if (count != kLanes) return false;
+      __m256 low_bins[8];   // bins 0-7 of each row
+      __m256 high_bins[8];  // bins 8-15
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+        const auto* row = reinterpret_cast<const __m128i*>(logits + i * 16);
+        const __m128i raw_low = _mm_loadu_si128(row);
+        const __m128i raw_high = _mm_loadu_si128(row + 1);
+        if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+          low_bins[i] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw_low), 16));
+          high_bins[i] =
+              _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw_high), 16));
+        } else {
+          low_bins[i] = _mm256_cvtph_ps(raw_low);
+          high_bins[i] = _mm256_cvtph_ps(raw_high);
+        }
+      }
+      transpose_8x8(low_bins);
+      transpose_8x8(high_bins);
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        _mm256_storeu_ps(cols + j * kLanes, low_bins[j]);
+        _mm256_storeu_ps(cols + (j + 8) * kLanes, high_bins[j]);
+      }
       return true;
     }
 #endif
