@@ -503,48 +503,45 @@ struct BlockKernel {
     // fp16/bf16: eight 4-byte loads of the adjacent pair from the 16-bit rows (low half bin_left,
     // high half bin_left + 1), widened in registers. fp32: eight 8-byte loads of the pair and
     // four shuffles. Both faster than gathers, which are slow on many AVX2 CPUs.
-    if constexpr (std::is_same_v<acc_t, float> && sizeof(scalar_t) == 2) {
-      if (count == kLanes) {
-        alignas(32) int32_t bins[kLanes];
-        bin_left.store(bins);
-        const auto pair = [&](int i) {
-          int32_t bits;
-          std::memcpy(&bits, logits + i * n_bins + bins[i], sizeof(bits));
-          return bits;
-        };
-        const __m256i pairs = _mm256_setr_epi32(pair(0), pair(1), pair(2), pair(3), pair(4),
-                                                pair(5), pair(6), pair(7));
-        if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-          return {_mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16)),
-                  _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(0xffff0000)))};
-        } else {
-          // Each 128-bit lane's low halves, then its high halves; then the lanes' low halves
-          // together and their high halves together: 8 x fp16 each.
-          const __m256i halves = _mm256_shuffle_epi8(
-              pairs, _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4,
-                                      5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15));
-          const __m256i grouped = _mm256_permute4x64_epi64(halves, _MM_SHUFFLE(3, 1, 2, 0));
-          return {_mm256_cvtph_ps(_mm256_castsi256_si128(grouped)),
-                  _mm256_cvtph_ps(_mm256_extracti128_si256(grouped, 1))};
-        }
-      }
-    }
     if constexpr (std::is_same_v<acc_t, float>) {
       if (count == kLanes) {
         alignas(32) int32_t bins[kLanes];
         bin_left.store(bins);
-        const auto pair = [&](int i) { return rows + i * n_bins + bins[i]; };
-        const auto load_two_pairs = [&](int i) {
-          const __m128 low = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(pair(i))));
-          return _mm_loadh_pi(low, reinterpret_cast<const __m64*>(pair(i + 1)));
-        };
-        // [l0 r0 l1 r1 | l4 r4 l5 r5] and [l2 r2 l3 r3 | l6 r6 l7 r7]
-        const __m256 rows_0145 =
-            _mm256_insertf128_ps(_mm256_castps128_ps256(load_two_pairs(0)), load_two_pairs(4), 1);
-        const __m256 rows_2367 =
-            _mm256_insertf128_ps(_mm256_castps128_ps256(load_two_pairs(2)), load_two_pairs(6), 1);
-        return {_mm256_shuffle_ps(rows_0145, rows_2367, _MM_SHUFFLE(2, 0, 2, 0)),
-                _mm256_shuffle_ps(rows_0145, rows_2367, _MM_SHUFFLE(3, 1, 3, 1))};
+        if constexpr (sizeof(scalar_t) == 2) {
+          const auto pair = [&](int i) {
+            int32_t bits;
+            std::memcpy(&bits, logits + i * n_bins + bins[i], sizeof(bits));
+            return bits;
+          };
+          const __m256i pairs = _mm256_setr_epi32(pair(0), pair(1), pair(2), pair(3), pair(4),
+                                                  pair(5), pair(6), pair(7));
+          if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+            return {_mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16)),
+                    _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(0xffff0000)))};
+          } else {
+            // Each 128-bit lane's low halves, then its high halves; then the lanes' low halves
+            // together and their high halves together: 8 x fp16 each.
+            const __m256i halves = _mm256_shuffle_epi8(
+                pairs, _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, 0, 1,
+                                        4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15));
+            const __m256i grouped = _mm256_permute4x64_epi64(halves, _MM_SHUFFLE(3, 1, 2, 0));
+            return {_mm256_cvtph_ps(_mm256_castsi256_si128(grouped)),
+                    _mm256_cvtph_ps(_mm256_extracti128_si256(grouped, 1))};
+          }
+        } else {
+          const auto pair = [&](int i) { return rows + i * n_bins + bins[i]; };
+          const auto load_two_pairs = [&](int i) {
+            const __m128 low = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(pair(i))));
+            return _mm_loadh_pi(low, reinterpret_cast<const __m64*>(pair(i + 1)));
+          };
+          // [l0 r0 l1 r1 | l4 r4 l5 r5] and [l2 r2 l3 r3 | l6 r6 l7 r7]
+          const __m256 rows_0145 =
+              _mm256_insertf128_ps(_mm256_castps128_ps256(load_two_pairs(0)), load_two_pairs(4), 1);
+          const __m256 rows_2367 =
+              _mm256_insertf128_ps(_mm256_castps128_ps256(load_two_pairs(2)), load_two_pairs(6), 1);
+          return {_mm256_shuffle_ps(rows_0145, rows_2367, _MM_SHUFFLE(2, 0, 2, 0)),
+                  _mm256_shuffle_ps(rows_0145, rows_2367, _MM_SHUFFLE(3, 1, 3, 1))};
+        }
       }
     }
 #endif
@@ -659,7 +656,6 @@ struct BlockKernel {
     const Vec zero(acc_t(0));
     const Vec one(acc_t(1));
     const TwoHot<Vec> th = two_hot(load_lanes(target, count), zero, one, upper_limit);
-    th.left.store(bin_left + first);
 
     // Four independent max chains and two sum chains over the bins: with a single chain each
     // max and add would wait on the latency of the one before it.
@@ -712,6 +708,7 @@ struct BlockKernel {
     const Vec one(acc_t(1));
     const Vec t = load_lanes(target, count);
     const Vec w = weight != nullptr ? load_lanes(weight, count) : one;
+    // Recomputed from the target (a few operations) rather than kept per row since the first pass.
     const TwoHot<Vec> th = two_hot(t, zero, one, upper_limit);
     const Vec max = Vec::loadu(row_max + first);
     const RowResult<Vec> r =
@@ -719,6 +716,7 @@ struct BlockKernel {
                    Vec::loadu(sum_exp + first), w, t, log_eps);
     r.loss.store(loss_out, count);
     if (!keep_terms) return;
+    th.left.store(bin_left + first);
     r.grad_scale.store(grad_scale + first);
     r.grad_left.store(grad_left + first);
     r.grad_right.store(grad_right + first);
