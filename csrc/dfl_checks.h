@@ -14,6 +14,11 @@ inline at::ScalarType dfl_acc_dtype(at::ScalarType pred_dtype) {
   return pred_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Consecutive rows that share one weight of a checked weight[G]: N / G, or 1 where there is no row.
+inline int64_t dfl_rows_per_weight(int64_t n_rows, int64_t n_weights) {
+  return n_rows > 0 ? n_rows / n_weights : 1;
+}
+
 inline void check_dfl_forward_args(const at::Tensor& pred, const at::Tensor& target,
                                    const c10::optional<at::Tensor>& weight, double eps) {
   TORCH_CHECK_VALUE(pred.dim() == 2, "stable_dfl::dfl_forward: pred must be [N, n_bins], got ",
@@ -34,9 +39,12 @@ inline void check_dfl_forward_args(const at::Tensor& pred, const at::Tensor& tar
   TORCH_CHECK_VALUE(target.device() == pred.device(), "stable_dfl::dfl_forward: target is on ",
                     target.device(), " but pred is on ", pred.device());
   if (weight.has_value()) {
-    TORCH_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == pred.size(0),
-                      "stable_dfl::dfl_forward: weight must be [N] with N = ", pred.size(0),
-                      ", got ", weight->sizes());
+    const int64_t n_rows = pred.size(0);
+    const bool groups_rows =
+        weight->dim() == 1 && (weight->size(0) > 0 ? n_rows % weight->size(0) == 0 : n_rows == 0);
+    TORCH_CHECK_VALUE(
+        groups_rows, "stable_dfl::dfl_forward: weight must be [G] with G dividing N = ", n_rows,
+        " (a weight per row, or per group of N / G consecutive rows), got ", weight->sizes());
     TORCH_CHECK_TYPE(weight->is_floating_point(),
                      "stable_dfl::dfl_forward: weight must be floating point, got ",
                      weight->scalar_type());

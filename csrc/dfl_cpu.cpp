@@ -48,6 +48,8 @@ std::tuple<at::Tensor, at::Tensor> dfl_forward_cpu(const at::Tensor& pred_in,
   args.pred = pred.const_data_ptr();
   args.target = target.const_data_ptr();
   args.weight = weight.has_value() ? weight->const_data_ptr() : nullptr;
+  args.rows_per_weight =
+      weight.has_value() ? dfl_rows_per_weight(pred.size(0), weight->size(0)) : 1;
   args.row_loss = reduce_sum ? nullptr : loss.mutable_data_ptr();
   args.grad = need_grad ? grad.mutable_data_ptr() : nullptr;
 

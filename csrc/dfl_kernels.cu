@@ -127,7 +127,8 @@ struct ForwardParams {
   using acc_t = typename Compute<scalar_t>::type;
   const scalar_t* pred;
   const acc_t* target;
-  const acc_t* weight;   // nullptr: weight 1
+  const acc_t* weight;  // nullptr: weight 1
+  int64_t rows_per_weight;
   acc_t* row_loss;       // written when !reduce_sum
   double* partial_sums;  // one per block, written when reduce_sum
   scalar_t* grad;        // nullptr: no gradient
@@ -175,7 +176,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     acc_t weight = 1;
     if (active) {
       target = p.target[global_row];
-      if (p.weight != nullptr) weight = p.weight[global_row];
+      if (p.weight != nullptr) weight = p.weight[global_row / p.rows_per_weight];
     }
     const TwoHot<acc_t> th = two_hot(target, acc_t(0), acc_t(1), upper_limit);
     const int left = static_cast<int>(th.left);
@@ -265,6 +266,7 @@ cudaError_t launch_typed(const DflForwardArgs& args, cudaStream_t stream) {
   params.pred = static_cast<const scalar_t*>(args.pred);
   params.target = static_cast<const acc_t*>(args.target);
   params.weight = static_cast<const acc_t*>(args.weight);
+  params.rows_per_weight = args.rows_per_weight;
   params.row_loss = static_cast<acc_t*>(args.row_loss);
   params.partial_sums = args.partial_sums;
   params.grad = static_cast<scalar_t*>(args.grad);

@@ -65,6 +65,7 @@ std::tuple<at::Tensor, at::Tensor> dfl_forward_cuda(const at::Tensor& pred_in,
   args.pred = pred.const_data_ptr();
   args.target = target.const_data_ptr();
   args.weight = weight.has_value() ? weight->const_data_ptr() : nullptr;
+  args.rows_per_weight = weight.has_value() ? dfl_rows_per_weight(n_rows, weight->size(0)) : 1;
   args.row_loss = reduce_sum ? nullptr : loss.mutable_data_ptr();
   args.partial_sums = reduce_sum ? partial_sums.mutable_data_ptr<double>() : nullptr;
   args.loss_sum = reduce_sum ? loss.mutable_data_ptr() : nullptr;

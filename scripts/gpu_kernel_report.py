@@ -111,6 +111,7 @@ def triton_variants():
                     "partial_sum_ptr": "*fp64",
                     "grad_ptr": pointer[dtype],
                     "n_rows": "i64",
+                    "rows_per_weight": "i32",
                     "n_bins": "i32",
                     "stride_row": "i64",
                     "stride_bin": "i64",

@@ -76,10 +76,10 @@ def _broadcastable(
 def _row_weights(
     weight: torch.Tensor | None, mask: torch.Tensor | None, target: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor | None, torch.Tensor | int]:
-    """The flat weight of each row (``weight * mask``, broadcast to ``target``) and the number
-    of rows a 'mean' divides by. ``weight * mask`` is computed at the shape the two broadcast to
-    (a weight and a mask per anchor: one value per anchor, not one per side), then copied out to
-    one weight per row."""
+    """The flat weights of the rows (``weight * mask``, broadcast to ``target``; see
+    :func:`_weights_of_row_groups`) and the number of rows a 'mean' divides by. ``weight * mask``
+    is computed at the shape the two broadcast to (a weight and a mask per anchor: one value per
+    anchor, not one per side)."""
     count: torch.Tensor | int = max(target.numel(), 1)
     weights = None if weight is None else _broadcastable("weight", weight, target, dtype)
     if mask is not None:
@@ -100,7 +100,21 @@ def _row_weights(
         count = (mask.sum() * repeats).clamp(min=1)
     if weights is None:
         return None, count
-    return weights.to(dtype).expand(target.shape).contiguous().reshape(-1), count
+    return _weights_of_row_groups(weights.to(dtype), target), count
+
+
+def _weights_of_row_groups(weights: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``weights`` (broadcastable to ``target``) flat, for the rows in ``target``'s order: where
+    they vary along ``target``'s leading dims only (a weight per anchor ``[M, 1]`` for its four
+    sides ``[M, 4]``), one weight per group of consecutive rows, which the kernels take as it is;
+    otherwise one weight per row."""
+    shape = (1,) * (target.dim() - weights.dim()) + tuple(weights.shape)
+    varying = len(shape)
+    while varying > 0 and shape[varying - 1] == 1:
+        varying -= 1
+    if shape[:varying] == tuple(target.shape[:varying]):
+        return weights.reshape(-1)
+    return weights.expand(target.shape).reshape(-1)
 
 
 def _narrows(source: torch.dtype, dtype: torch.dtype) -> bool:

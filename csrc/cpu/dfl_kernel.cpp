@@ -6,6 +6,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/SmallVector.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -928,7 +929,55 @@ struct RowsTyped {
 };
 
 template <typename scalar_t, int kBins>
+double forward_rows_binned(const DflForwardArgs& args, int64_t begin, int64_t end);
+
+// row_weight[r] = group_weight[(first_row + r) / group_rows] for r < n_rows.
+template <typename acc_t>
+void spread_group_weights(const acc_t* group_weight, int64_t group_rows, int64_t first_row,
+                          int64_t n_rows, acc_t* row_weight) {
+  int64_t group = first_row / group_rows;
+  int64_t row = 0;
+  if (const int64_t in_group = first_row - group * group_rows; in_group > 0) {
+    row = std::min(group_rows - in_group, n_rows);  // the rest of a group the range starts in
+    std::fill_n(row_weight, row, group_weight[group++]);
+  }
+  if (group_rows == 4) {  // an anchor's four sides: a fixed-size loop, one vector store a group
+    for (; row + 4 <= n_rows; row += 4, ++group) {
+      for (int side = 0; side < 4; ++side) row_weight[row + side] = group_weight[group];
+    }
+  }
+  for (; row < n_rows; row += group_rows, ++group) {
+    std::fill_n(row_weight + row, std::min(group_rows, n_rows - row), group_weight[group]);
+  }
+}
+
+// Rows [begin, end) whose weights are shared by groups of consecutive rows (an anchor's four
+// sides): each row's weight is written out for the range, and the range runs as rows of their
+// own, with the bits that the same weights given per row get.
+template <typename scalar_t, int kBins>
+double grouped_weight_rows(const DflForwardArgs& args, int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n_rows = end - begin;
+  // On the stack for ranges up to the rows of one of dfl_cpu.cpp's chunks.
+  c10::SmallVector<acc_t, 256> row_weight;
+  row_weight.resize_for_overwrite(static_cast<size_t>(n_rows));
+  spread_group_weights(static_cast<const acc_t*>(args.weight), args.rows_per_weight, begin, n_rows,
+                       row_weight.data());
+  DflForwardArgs range = args;
+  range.pred = static_cast<const scalar_t*>(args.pred) + begin * args.n_bins;
+  range.target = static_cast<const acc_t*>(args.target) + begin;
+  range.weight = row_weight.data();
+  range.rows_per_weight = 1;
+  if (args.row_loss != nullptr) range.row_loss = static_cast<acc_t*>(args.row_loss) + begin;
+  if (args.grad != nullptr) range.grad = static_cast<scalar_t*>(args.grad) + begin * args.n_bins;
+  return forward_rows_binned<scalar_t, kBins>(range, 0, n_rows);
+}
+
+template <typename scalar_t, int kBins>
 double forward_rows_binned(const DflForwardArgs& args, int64_t begin, int64_t end) {
+  if (args.weight != nullptr && args.rows_per_weight > 1) {
+    return grouped_weight_rows<scalar_t, kBins>(args, begin, end);
+  }
   RowsTyped<scalar_t, kBins> rows(args);
   return rows.weight != nullptr ? rows.weighted_rows(begin, end) : rows.all_rows(begin, end);
 }

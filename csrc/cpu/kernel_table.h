@@ -19,13 +19,15 @@ namespace stable_dfl::cpu {
 
 // Bumped whenever anything in this header changes, so that a stale kernel library
 // (left behind by an older build) is refused instead of called with the wrong layout.
-constexpr int32_t kKernelAbiVersion = 2;
+constexpr int32_t kKernelAbiVersion = 3;
 
 // dfl_forward over rows [begin, end) of pred[N, n_bins] (contiguous, `dtype`).
 // target, weight and row_loss are of the accumulation type (float64 for float64
 // logits, else float32); weight may be null (all ones), row_loss and grad may be null
-// (not wanted). grad is [N, n_bins] of `dtype`: the gradient of the summed loss. A row
-// of weight 0 costs a finiteness check and its zero writes (NaN when not finite).
+// (not wanted). Row r's weight is weight[r / rows_per_weight]: one weight per row, or one
+// per group of consecutive rows (an anchor's four sides). grad is [N, n_bins] of `dtype`: the
+// gradient of the summed loss. A row of weight 0 costs a finiteness check and its zero writes (NaN
+// when not finite).
 struct DflForwardArgs {
   c10::ScalarType dtype;
   int n_bins;
@@ -33,6 +35,7 @@ struct DflForwardArgs {
   const void* pred;
   const void* target;
   const void* weight;
+  int64_t rows_per_weight;  // >= 1
   void* row_loss;
   void* grad;
 };

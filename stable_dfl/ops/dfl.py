@@ -54,18 +54,26 @@ def check_dfl_forward_args(
         2 <= n_bins <= MAX_BINS,
         lambda: f"{op_name}: n_bins must be in [2, {MAX_BINS}], got {n_bins}",
     )
-    _check_per_row(op_name, "target", target, pred)
+    n_rows = pred.shape[0]
+    torch._check_value(
+        target.dim() == 1 and target.shape[0] == n_rows,
+        lambda: f"{op_name}: target must be [N] with N = {n_rows}, got {tuple(target.shape)}",
+    )
+    _check_row_values(op_name, "target", target, pred)
     if weight is not None:
-        _check_per_row(op_name, "weight", weight, pred)
+        torch._check_value(
+            weight.dim() == 1
+            and (n_rows % weight.shape[0] == 0 if weight.shape[0] > 0 else n_rows == 0),
+            lambda: (
+                f"{op_name}: weight must be [G] with G dividing N = {n_rows} (a weight per "
+                f"row, or per group of N / G consecutive rows), got {tuple(weight.shape)}"
+            ),
+        )
+        _check_row_values(op_name, "weight", weight, pred)
     torch._check_value(0.0 <= eps < 1.0, lambda: f"{op_name}: eps must be in [0, 1), got {eps}")
 
 
-def _check_per_row(op_name: str, name: str, value: torch.Tensor, pred: torch.Tensor) -> None:
-    n_rows = pred.shape[0]
-    torch._check_value(
-        value.dim() == 1 and value.shape[0] == n_rows,
-        lambda: f"{op_name}: {name} must be [N] with N = {n_rows}, got {tuple(value.shape)}",
-    )
+def _check_row_values(op_name: str, name: str, value: torch.Tensor, pred: torch.Tensor) -> None:
     torch._check_type(
         value.is_floating_point(),
         lambda: f"{op_name}: {name} must be floating point, got {value.dtype}",
@@ -122,7 +130,14 @@ def dfl_grad(
     """
     if torch.is_grad_enabled() or _is_functorch_tensor(grad_loss):
         return dfl_reference_grad(pred, target, weight, eps, grad_loss)
-    row_weight = row_scale(grad_loss, weight, target, compute_dtype(pred.dtype))
+    dtype = compute_dtype(pred.dtype)
+    if grad_loss.dim() == 0:
+        # One factor for every row: the weights stay as given (per row or per group of rows),
+        # and no weight is the factor alone, one weight for all rows.
+        factor = grad_loss.to(dtype)
+        row_weight = factor.reshape(1) if weight is None else weight.to(dtype) * factor
+    else:
+        row_weight = row_scale(grad_loss, weight, target, dtype)
     _, grad = op(pred, target, row_weight.contiguous(), eps, True, True)
     return grad
 

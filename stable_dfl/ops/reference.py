@@ -1,7 +1,9 @@
 """The specification of the loss, in eager PyTorch.
 
 Every backend must match :func:`dfl_reference`. For logits ``pred[N, n_bins]``,
-continuous targets ``target[N]`` in bin units and optional weights ``weight[N]``::
+continuous targets ``target[N]`` in bin units and optional weights ``weight[N]`` (or
+``weight[G]``, G dividing N: one weight per group of N / G consecutive rows, such as an
+anchor's four sides; :func:`weight_per_row`)::
 
     t  = target.clamp(0, n_bins - 1 - 0.01)
     tl = floor(t); tr = tl + 1; wl = tr - t; wr = t - tl
@@ -74,13 +76,24 @@ def _target_log_probs(pred: torch.Tensor, target: torch.Tensor, weight: torch.Te
     return log_p, left, w_left, w_right, at(left), at(left + 1)
 
 
+def weight_per_row(weight: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """``weight[G]``, G dividing ``n_rows`` (a weight per row, or per group of ``n_rows / G``
+    consecutive rows), as one weight per row."""
+    n_weights = weight.shape[0]
+    if n_weights == n_rows:
+        return weight
+    return weight.unsqueeze(-1).expand(n_weights, n_rows // n_weights).reshape(n_rows)
+
+
 def row_scale(
     grad_loss: torch.Tensor, weight: torch.Tensor | None, target: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
     """Each row's factor in the gradient of ``sum(row_losses * grad_loss)``: ``grad_loss``
     (0-dim or ``[N]``) times the row weight, as ``dtype`` and shaped like ``target``."""
     scale = grad_loss.to(dtype).expand(target.shape)
-    return scale if weight is None else scale * weight.detach().to(dtype)
+    if weight is None:
+        return scale
+    return scale * weight_per_row(weight.detach(), target.shape[0]).to(dtype)
 
 
 def _weighted(weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -100,6 +113,7 @@ def dfl_reference(
     """
     dtype = compute_dtype(pred.dtype)
     target = target.to(dtype)
+    weight = None if weight is None else weight_per_row(weight, target.shape[0])
     _, _, w_left, w_right, logp_left, logp_right = _target_log_probs(pred, target, weight)
     floor = _log_eps(eps)  # the probability floor, in log space
     loss = -(
@@ -130,6 +144,7 @@ def dfl_reference_grad(
     """
     dtype = compute_dtype(pred.dtype)
     target = target.detach().to(dtype)
+    weight = None if weight is None else weight_per_row(weight, target.shape[0])
     log_p, left, w_left, w_right, logp_left, logp_right = _target_log_probs(pred, target, weight)
     log_eps = _log_eps(eps)
     active_left = torch.where(logp_left >= log_eps, w_left, 0.0)

@@ -40,6 +40,7 @@ def _dfl_forward_kernel(
     partial_sum_ptr,
     grad_ptr,
     n_rows,
+    rows_per_weight,
     n_bins,
     stride_row,
     stride_bin,
@@ -64,7 +65,9 @@ def _dfl_forward_kernel(
     x = tl.load(pred_ptr + offsets, mask=tile_in, other=0.0).to(COMPUTE_DTYPE)
     target = tl.load(target_ptr + rows, mask=row_in, other=0.0).to(COMPUTE_DTYPE)
     if HAS_WEIGHT:
-        weight = tl.load(weight_ptr + rows, mask=row_in, other=0.0).to(COMPUTE_DTYPE)
+        weight = tl.load(weight_ptr + rows // rows_per_weight, mask=row_in, other=0.0).to(
+            COMPUTE_DTYPE
+        )
     else:
         weight = tl.full([BLOCK_ROWS], 1.0, COMPUTE_DTYPE)
 
@@ -179,6 +182,7 @@ def run_dfl_forward(
             partial_sums,
             grad,
             n_rows,
+            1 if weight is None else n_rows // weight.shape[0],
             n_bins,
             pred.stride(0),
             pred.stride(1),

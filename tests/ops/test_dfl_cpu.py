@@ -84,10 +84,12 @@ def test_deterministic_whatever_the_thread_count():
         assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
 
 
+@pytest.mark.parametrize("rows_per_weight", [1, 3])
 @pytest.mark.parametrize("reduce_sum", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_opcheck(reduce_sum, dtype):
+def test_opcheck(reduce_sum, dtype, rows_per_weight):
     pred, target, weight = random_case(9, 16, dtype, weighted=True)
+    weight = weight[::rows_per_weight]
     pred.requires_grad_()
     torch.library.opcheck(
         torch.ops.stable_dfl.dfl_forward,

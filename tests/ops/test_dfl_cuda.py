@@ -121,10 +121,12 @@ def test_runs_on_the_tensors_device_and_current_stream(gpu_backend):
 
 
 @needs_cuda_build
+@pytest.mark.parametrize("rows_per_weight", [1, 3])
 @pytest.mark.parametrize("reduce_sum", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_opcheck_cuda_op(reduce_sum, dtype):
+def test_opcheck_cuda_op(reduce_sum, dtype, rows_per_weight):
     pred, target, weight = random_case(9, 16, dtype, weighted=True, device="cuda")
+    weight = weight[::rows_per_weight]
     for args in (
         (pred.clone().requires_grad_(), target.float(), weight, 1e-6, reduce_sum, True),
         (pred, target.float(), None, 0.0, reduce_sum, False),

@@ -43,10 +43,12 @@ def _triton_op():
     return backends.op("triton", backends.DFL_FORWARD)
 
 
+@pytest.mark.parametrize("rows_per_weight", [1, 3])
 @pytest.mark.parametrize("reduce_sum", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_opcheck(reduce_sum, dtype):
+def test_opcheck(reduce_sum, dtype, rows_per_weight):
     pred, target, weight = random_case(9, 16, dtype, weighted=True, device=DEVICE)
+    weight = weight[::rows_per_weight]
     # need_grad=False is what dfl_rows passes when pred needs no gradient.
     for args in (
         (pred.requires_grad_(), target.float(), weight, 1e-6, reduce_sum, True),

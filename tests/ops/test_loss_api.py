@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -9,6 +10,8 @@ import torch
 
 from stable_dfl import BackendUnavailableError, StableDFLLoss, dfl_reference, stable_dfl_loss
 from stable_dfl.ops import backends, resolve_backend
+
+loss_module = importlib.import_module("stable_dfl.loss")
 
 CPU_BACKENDS = ["reference"] + (["cpu"] if backends.compiled_available("cpu") else [])
 
@@ -79,6 +82,33 @@ def test_weight_and_mask_of_any_broadcast_shapes_weigh_each_row_as_expanded(
     (grad,) = torch.autograd.grad(loss, pred)
     (expected_grad,) = torch.autograd.grad(expected, pred)
     torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "weight_shape, rows_per_weight",
+    [((50, 1), 4), ((), 200), ((1, 1), 200), ((50, 4), 1), ((1, 4), 1), ((4,), 1)],
+    ids=["anchor", "scalar", "broadcast", "row", "side-broadcast", "per-side"],
+)
+def test_a_weight_per_anchor_reaches_the_kernel_as_it_is(
+    monkeypatch, weight_shape, rows_per_weight
+):
+    # Weights varying along the leading dims only go to the kernel one per group of rows,
+    # not copied out to one per row (at detector sizes, a copy of megabytes per call).
+    passed = []
+    run = loss_module.dfl_rows
+
+    def spy(rows, target, weight, *args):
+        passed.append(weight)
+        return run(rows, target, weight, *args)
+
+    monkeypatch.setattr(loss_module, "dfl_rows", spy)
+    pred, target = box_case()
+    weight = torch.rand(weight_shape)
+    stable_dfl_loss(pred, target, weight, backend="reference")
+    (row_weights,) = passed
+    assert row_weights.shape == (200 // rows_per_weight,)
+    if rows_per_weight > 1:
+        assert row_weights.data_ptr() == weight.data_ptr()
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

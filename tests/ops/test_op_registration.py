@@ -65,6 +65,21 @@ def _dfl_ops() -> list[str]:
             ValueError,
             "weight must be",
         ),
+        (
+            lambda: (torch.randn(6, 16), torch.rand(6), torch.rand(4), 1e-6),
+            ValueError,
+            r"weight must be \[G\] with G dividing N = 6",
+        ),
+        (
+            lambda: (torch.randn(4, 16), torch.rand(4), torch.rand(0), 1e-6),
+            ValueError,
+            "weight must be",
+        ),
+        (
+            lambda: (torch.randn(4, 16), torch.rand(4), torch.rand(2, 2), 1e-6),
+            ValueError,
+            "weight must be",
+        ),
         (lambda: (torch.randn(4, 1), torch.rand(4), None, 1e-6), ValueError, "n_bins must be"),
         (lambda: (torch.randn(4, 16, 1), torch.rand(4), None, 1e-6), ValueError, "pred must be"),
         (
@@ -91,6 +106,18 @@ def test_fake_kernels_check_arguments_as_the_kernels_do(op_name, make_args, erro
     # The eager call says the same.
     with pytest.raises(error, match=f"stable_dfl::{op_name}: {message}"):
         op(*make_args(), True, True)
+
+
+@pytest.mark.parametrize("op_name", _dfl_ops())
+def test_a_weight_per_group_of_rows_weighs_each_row_of_its_group(op_name):
+    op = getattr(torch.ops.stable_dfl, op_name)
+    pred, target, weight = torch.randn(6, 16), torch.rand(6) * 15, torch.rand(2)
+    with FakeTensorMode() as mode:
+        loss, grad = op(*(mode.from_tensor(t) for t in (pred, target, weight)), 1e-6, False, True)
+        assert (loss.shape, grad.shape) == ((6,), (6, 16))
+    loss, grad = op(pred, target, weight, 1e-6, False, True)
+    per_row = op(pred, target, weight.repeat_interleave(3), 1e-6, False, True)
+    assert torch.equal(loss, per_row[0]) and torch.equal(grad, per_row[1])
 
 
 @pytest.mark.parametrize("backend", [b for b in OP_BACKENDS if b != "cuda"])

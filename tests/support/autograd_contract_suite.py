@@ -76,6 +76,31 @@ def test_torch_func_transforms_match_the_reference(backend, device):
     )
 
 
+def test_torch_func_transforms_of_a_weight_per_anchor_are_those_of_the_weight_per_side(
+    backend, device
+):
+    pred, target, _ = random_case(8, 16, torch.float64, device=device)
+    pred, target = pred.view(4, 2 * 16), target.view(4, 2)
+    weight = torch.rand(4, 1, dtype=torch.float64, device=device) + 0.5
+
+    def summed(weights):
+        return lambda p: stable_dfl_loss(
+            p, target, weights, reduction="sum", max_loss=None, backend=backend
+        )
+
+    per_anchor, per_side = summed(weight), summed(weight.expand(4, 2).contiguous())
+    batch = pred.unsqueeze(0) * torch.tensor([1.0, 2.0, 3.0], device=device).view(3, 1, 1)
+    for transform, inputs in (
+        (torch.func.grad, pred),
+        (torch.func.jacfwd, pred),
+        (torch.func.hessian, pred),
+        (lambda f: torch.func.vmap(torch.func.grad(f)), batch),
+    ):
+        torch.testing.assert_close(
+            transform(per_anchor)(inputs), transform(per_side)(inputs), rtol=0, atol=0
+        )
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_gradients_flow_to_pred_only(backend, device, reduction):
     pred, target, weight = random_case(6, 16, torch.float32, weighted=True, device=device)

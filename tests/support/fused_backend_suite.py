@@ -166,6 +166,47 @@ def test_rows_of_weight_zero_cost_nothing_but_still_report_non_finite_input(back
     assert_close_to_reference(loss[rows], grad[rows], pred[rows], target[rows], weight[rows])
 
 
+@pytest.mark.parametrize("dtype", DTYPES[:3], ids=DTYPE_IDS[:3])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_a_weight_per_anchor_gives_the_bits_of_the_same_weight_per_side(
+    backend, device, dtype, reduction
+):
+    # Anchors of 3 sides, so that some straddle the CPU kernel's 256-row chunks; most masked
+    # out (the zero-weight path); one NaN weight, reported on every side of its anchor.
+    anchors, sides, n_bins = 300, 3, 16
+    pred, target, _ = random_case(anchors * sides, n_bins, dtype, device=device)
+    pred, target = pred.view(anchors, sides * n_bins), target.view(anchors, sides)
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.rand(anchors, 1, generator=generator)
+    weight[torch.rand(anchors, 1, generator=generator) < 0.8] = 0.0
+    weight[7] = float("nan")
+    weight = weight.to(device)
+    foreground = weight != 0
+
+    def loss_and_grad(**weights):
+        x = pred.clone().requires_grad_()
+        loss = stable_dfl_loss(
+            x, target, **weights, reduction=reduction, max_loss=None, backend=backend
+        )
+        loss.sum().backward()
+        return loss.detach(), x.grad
+
+    def per_side(anchor_values):
+        return anchor_values.expand(anchors, sides).contiguous()
+
+    for per_anchor, same_per_side in (
+        ({"weight": weight}, {"weight": per_side(weight)}),
+        (
+            {"weight": weight, "mask": foreground},
+            {"weight": per_side(weight), "mask": per_side(foreground)},
+        ),
+    ):
+        got, want = loss_and_grad(**per_anchor), loss_and_grad(**same_per_side)
+        for got_value, wanted in zip(got, want, strict=True):
+            torch.testing.assert_close(got_value, wanted, rtol=0, atol=0, equal_nan=True)
+        assert torch.isnan(got[1][7]).all() and torch.isfinite(got[1][8:]).all()
+
+
 @pytest.mark.parametrize("layout", ["transposed", "column_slice"])
 def test_non_contiguous_inputs(backend, device, layout):
     if layout == "transposed":
