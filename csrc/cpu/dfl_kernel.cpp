@@ -674,6 +674,31 @@ struct BlockKernel {
       }
     }
 #endif
+#if !defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512) && defined(__SSE2__)
+    // bf16 below AVX2 on x86-64 (whose full blocks of 16 bins are widened in registers, with no
+    // fp32 rows): 4-byte loads of the adjacent pair from the 16-bit rows, widened by a shift and
+    // a mask.
+    if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<scalar_t, at::BFloat16>) {
+      if (count == kLanes) {
+        alignas(32) int32_t bins[kLanes];
+        bin_left.store(bins);
+        const auto pair = [&](int i) {
+          int32_t bits;
+          std::memcpy(&bits, logits + i * n_bins + bins[i], sizeof(bits));
+          return bits;
+        };
+        Vec left;
+        Vec right;
+        for (int h = 0; h < kLanes; h += 4) {
+          const __m128i pairs = _mm_setr_epi32(pair(h), pair(h + 1), pair(h + 2), pair(h + 3));
+          _mm_storeu_ps(static_cast<float*>(left) + h, _mm_castsi128_ps(_mm_slli_epi32(pairs, 16)));
+          _mm_storeu_ps(static_cast<float*>(right) + h,
+                        _mm_castsi128_ps(_mm_and_si128(pairs, _mm_set1_epi32(0xffff0000))));
+        }
+        return {left, right};
+      }
+    }
+#endif
     (void)logits;
     const IndexVec row_start =
         count == kLanes ? full_row_starts : partial_row_starts(count, n_bins);
@@ -728,6 +753,34 @@ struct BlockKernel {
       for (int j = 0; j < 8; ++j) {
         _mm256_storeu_ps(cols + j * kLanes, low_bins[j]);
         _mm256_storeu_ps(cols + (j + 8) * kLanes, high_bins[j]);
+      }
+      return true;
+    }
+#elif defined(__SSE2__)
+    // bf16 below AVX2 on x86-64: a bf16 is the high half of its fp32, so each 4 bins of a row
+    // widen by one unpack with zeros; then SSE's 4 x 4 transposes.
+    if constexpr (kBins == 16 && kLanes == 8 && std::is_same_v<acc_t, float> &&
+                  std::is_same_v<scalar_t, at::BFloat16>) {
+      if (count != kLanes) return false;
+      const __m128i zero = _mm_setzero_si128();
+      for (int i = 0; i < kLanes; i += 4) {
+        __m128 bins[4][4];  // bins[q][r]: bins 4q to 4q + 3 of row i + r
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) {
+          const auto* row = reinterpret_cast<const __m128i*>(logits + (i + r) * 16);
+          const __m128i raw_low = _mm_loadu_si128(row);
+          const __m128i raw_high = _mm_loadu_si128(row + 1);
+          bins[0][r] = _mm_castsi128_ps(_mm_unpacklo_epi16(zero, raw_low));
+          bins[1][r] = _mm_castsi128_ps(_mm_unpackhi_epi16(zero, raw_low));
+          bins[2][r] = _mm_castsi128_ps(_mm_unpacklo_epi16(zero, raw_high));
+          bins[3][r] = _mm_castsi128_ps(_mm_unpackhi_epi16(zero, raw_high));
+        }
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q) {
+          _MM_TRANSPOSE4_PS(bins[q][0], bins[q][1], bins[q][2], bins[q][3]);
+#pragma GCC unroll 4
+          for (int b = 0; b < 4; ++b) _mm_storeu_ps(cols + (4 * q + b) * kLanes + i, bins[q][b]);
+        }
       }
       return true;
     }
