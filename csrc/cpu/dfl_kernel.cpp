@@ -325,9 +325,10 @@ constexpr float kExp2Poly[6] = {1.32647273e-3f, 9.67151299e-3f, 5.55073358e-2f,
 // added to their half's sum. SSE2 has no FMA and two-operand instructions (a copy for each
 // value used twice), and its exps are bound by the count of instructions, so they take the
 // fewest: e^d = 2^t with t = d log2(e) = n + f, n = round(t), f = t - n, takes 4 operations to
-// f where the Cody-Waite reduction of the other levels takes 7. Rounding t costs 2^f a
-// relative error of |t| 2^-24 (1e-6 at d = -20), at most 1e-7 relative to the row's largest
-// exp and so to the sum (>= 1). The poison term is ORed in rather than added, off the adders.
+// f where the two-constant Cody-Waite reduction (the lane loop's, without FMA) takes 7. Rounding
+// t costs 2^f a relative error of |t| 2^-24 (1e-6 at d = -20), at most 1e-7 relative to the
+// row's largest exp and so to the sum (>= 1). The poison term is ORed in rather than added, off
+// the adders.
 // Each step is taken for every register before the next, so that the CPU always has
 // independent operations at hand: in all, 1.4x as fast as a lane loop's exps, chain after
 // chain.
