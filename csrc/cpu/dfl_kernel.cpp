@@ -328,9 +328,8 @@ constexpr float kExp2Poly[6] = {1.32647273e-3f, 9.67151299e-3f, 5.55073358e-2f,
 // f where the two-constant Cody-Waite reduction (the lane loop's, without FMA) takes 7. Rounding
 // t costs 2^f a relative error of |t| 2^-24 (1e-6 at d = -20), at most 1e-7 relative to the
 // row's largest exp and so to the sum (>= 1). The poison term is ORed in rather than added, off
-// the adders.
-// Each step is taken for every register before the next, so that the CPU always has
-// independent operations at hand: in all, 1.4x as fast as a lane loop's exps, chain after
+// the adders. Each step is taken for every register before the next, so that the CPU always
+// has independent operations at hand: in all, 1.4x as fast as a lane loop's exps, chain after
 // chain.
 template <int kRegisters>
 C10_ALWAYS_INLINE void sse_exps(float* x_at, const __m128 (&max)[2], bool keep_exp,
@@ -607,6 +606,14 @@ struct BlockKernel {
     return Vec::loadu(lanes);
   }
 
+  // The 32 bits of bins bins[i] and bins[i] + 1 of row i of a block of 16-bit rows (the low
+  // half bins[i]), for the levels that widen such a pair in registers.
+  static int32_t pair_bits(const scalar_t* logits, int i, int n_bins, const int32_t* bins) {
+    int32_t bits;
+    std::memcpy(&bits, logits + i * n_bins + bins[i], sizeof(bits));
+    return bits;
+  }
+
   // The logits of bins bin_left and bin_left + 1 of each of the block's `count` row-major rows
   // (`logits` as the caller holds them, `rows` widened to acc_t); lanes past `count` read the
   // block's first row.
@@ -638,11 +645,7 @@ struct BlockKernel {
         alignas(32) int32_t bins[kLanes];
         bin_left.store(bins);
         if constexpr (sizeof(scalar_t) == 2) {
-          const auto pair = [&](int i) {
-            int32_t bits;
-            std::memcpy(&bits, logits + i * n_bins + bins[i], sizeof(bits));
-            return bits;
-          };
+          const auto pair = [&](int i) { return pair_bits(logits, i, n_bins, bins); };
           const __m256i pairs = _mm256_setr_epi32(pair(0), pair(1), pair(2), pair(3), pair(4),
                                                   pair(5), pair(6), pair(7));
           if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
@@ -683,11 +686,7 @@ struct BlockKernel {
       if (count == kLanes) {
         alignas(32) int32_t bins[kLanes];
         bin_left.store(bins);
-        const auto pair = [&](int i) {
-          int32_t bits;
-          std::memcpy(&bits, logits + i * n_bins + bins[i], sizeof(bits));
-          return bits;
-        };
+        const auto pair = [&](int i) { return pair_bits(logits, i, n_bins, bins); };
         Vec left;
         Vec right;
         for (int h = 0; h < kLanes; h += 4) {
